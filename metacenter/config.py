@@ -1,0 +1,265 @@
+"""Every setting of a node, in one table, with one precedence:
+command line > environment > config file (TOML) > default.
+
+Each setting is declared once in ``SETTINGS``; ``tap.Options`` is generated from
+it, and ``resolve`` turns options, environment and file into a ``Config``. A bad
+value anywhere raises ``ConfigError`` naming the option, so a node never starts
+with a silently ignored setting.
+"""
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    pass
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text):
+    """Go duration syntax ("60s", "11m", "1h30m", "500ms") to seconds; a bare
+    number is taken as seconds."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    if not isinstance(text, str):
+        raise ValueError(f"expected a duration such as 60s, 11m or 500ms, got {text!r}")
+    s = text.strip()
+    try:
+        return float(s)
+    except ValueError:
+        pass
+    sign = 1.0
+    if s[:1] in "+-":
+        sign = -1.0 if s[0] == "-" else 1.0
+        s = s[1:]
+    pos, total = 0, 0.0
+    if not s:
+        raise ValueError(f"expected a duration such as 60s, 11m or 500ms, got {text!r}")
+    while pos < len(s):
+        m = _DURATION_PART.match(s, pos)
+        if m is None:
+            raise ValueError(f"expected a duration such as 60s, 11m or 500ms, got {text!r}")
+        total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+        pos = m.end()
+    return sign * total
+
+
+def positive_duration(text):
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError(f"must be a positive duration, got {text!r}")
+    return value
+
+
+def positive_int(text):
+    if isinstance(text, bool):
+        raise ValueError(f"expected a positive integer, got {text!r}")
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise ValueError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def port_number(text):
+    value = positive_int(text)
+    if value > 65535:
+        raise ValueError(f"expected a port number 1-65535, got {text!r}")
+    return value
+
+
+def byte_size(text):
+    """1048576, "64KiB", "1MiB", "64k"."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return positive_int(text)
+    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)(i?[bB])?\s*", str(text))
+    if not m:
+        raise ValueError(f"expected a size such as 65536, 64KiB or 1MiB, got {text!r}")
+    factor = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[m.group(2).lower()]
+    return positive_int(int(m.group(1)) * factor)
+
+
+def boolean(text):
+    if isinstance(text, bool):
+        return text
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARN", "ERROR", "FATAL")
+
+
+def log_level(text):
+    level = str(text).strip().upper()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"expected one of {' '.join(LOG_LEVELS)}, got {text!r}")
+    return level
+
+
+def ip_address(text):
+    try:
+        return str(ipaddress.ip_address(str(text).strip()))
+    except ValueError:
+        raise ValueError(f"expected an IP address, got {text!r}") from None
+
+
+def host_port(text):
+    """HOST:PORT or [V6]:PORT."""
+    s = str(text).strip()
+    m = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", s)
+    if not m:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    host = m.group(1) or m.group(3)
+    return host, port_number(m.group(2) or m.group(4))
+
+
+def text_value(text):
+    return str(text)
+
+
+def ip_list(text):
+    """One or more IP addresses, comma separated (POD_IP, --advertise)."""
+    if isinstance(text, (list, tuple)):
+        items = list(text)
+    else:
+        items = [p for p in str(text).split(",") if p.strip()]
+    return tuple(ip_address(p) for p in items)
+
+
+def host_port_list(text):
+    if isinstance(text, (list, tuple)):
+        items = list(text)
+    else:
+        items = [p for p in str(text).split(",") if p.strip()]
+    return tuple(host_port(p) for p in items)
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # command line option, also the config file key (dashes or underscores)
+    parse: object
+    default: object
+    help: str
+    env: tuple = ()
+    flag: bool = False  # a command line switch without a value
+    repeatable: bool = False  # may be given several times (a list)
+
+
+SETTINGS = (
+    # -- the node ---------------------------------------------------------------
+    Setting("listen", text_value, "tcp:8080", "Twisted endpoint to serve the API on (e.g. tcp:8080, ssl:8443:...)."),
+    Setting("request-expire", positive_duration, 660.0,
+            "A request older than this is removed as if deleted; engines and clusters idle this long go too.",
+            env=("METADATA_CENTER_LOAD_REQ_EXPIRE",)),
+    Setting("gc-interval", positive_duration, 60.0, "How often expired requests, tombstones and engines are swept.",
+            env=("METADATA_CENTER_LOAD_GC_INTERVAL",)),
+    Setting("tombstone-ttl", positive_duration, 60.0,
+            "How long a delete is remembered, so that a late or repeated add changes nothing.",
+            env=("METACENTER_TOMBSTONE_TTL",)),
+    Setting("max-body", byte_size, 65536, "Largest accepted request body in bytes; larger ones get 413.",
+            env=("METACENTER_MAX_BODY",)),
+    Setting("log-level", log_level, "INFO", "Initial log level (TRACE DEBUG INFO WARN ERROR FATAL).",
+            env=("METACENTER_LOG_LEVEL",)),
+    Setting("access-log", boolean, False, "Log every HTTP request (off by default: the hot path).",
+            env=("METACENTER_ACCESS_LOG",), flag=True),
+    # -- the cluster ------------------------------------------------------------
+    Setting("peers-dns", text_value, "", "DNS name whose A/AAAA records are the peers (a headless Service).",
+            env=("META_DATA_CENTER_SVC_DISC_HOST",)),
+    Setting("dns-interval", positive_duration, 5.0, "How often the peers' DNS name is resolved.",
+            env=("REPLICA_DNS_LOOKUP_INTERVAL",)),
+    Setting("dns-server", host_port, None, "Resolve peers with this DNS server (HOST:PORT) instead of the system's.",
+            env=("METACENTER_DNS_SERVER",)),
+    Setting("peer", host_port_list, (), "A static peer HOST:PORT (repeatable).", env=("METACENTER_PEERS",),
+            repeatable=True),
+    Setting("peer-port", port_number, 80, "Port of the peers found through DNS.", env=("REPLICA_CLIENT_TARGET_PORT",)),
+    Setting("advertise", ip_list, (), "This node's own address(es), excluded from the peers.", env=("POD_IP",)),
+    Setting("cluster-secret", text_value, "", "Shared secret authenticating replication between nodes.",
+            env=("METACENTER_CLUSTER_SECRET",)),
+    Setting("replica-dial-timeout", positive_duration, 0.5, "Connect timeout towards a peer.",
+            env=("REPLICA_CLIENT_DIAL_TIMEOUT",)),
+    Setting("replica-request-timeout", positive_duration, 1.0, "Timeout of one replication request.",
+            env=("REPLICA_CLIENT_REQUEST_TIMEOUT",)),
+    Setting("replica-max-idle-conns", positive_int, 100, "Persistent connections kept per peer.",
+            env=("REPLICA_CLIENT_MAX_IDLE_CONNS",)),
+    Setting("replica-idle-conn-timeout", positive_duration, 90.0, "Idle persistent connections close after this.",
+            env=("REPLICA_CLIENT_IDLE_CONN_TIMEOUT",)),
+    Setting("replica-keepalive-period", positive_duration, 30.0, "TCP keepalive period of peer connections.",
+            env=("REPLICA_CLIENT_KEEPALIVE_PERIOD",)),
+)
+
+SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def attribute_name(name):
+    return name.replace("-", "_")
+
+
+@dataclass(frozen=True)
+class Config:
+    values: dict = field(default_factory=dict)
+
+    def __getattr__(self, item):
+        try:
+            return self.values[item]
+        except KeyError:
+            raise AttributeError(item) from None
+
+
+def _parse(setting, raw, where):
+    try:
+        return setting.parse(raw)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"--{setting.name} ({where}): {e}") from None
+
+
+def load_file(path):
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"--config: cannot read {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config: {path} is not valid TOML: {e}") from None
+    # Accept both a flat file and one with a [metacenter] table.
+    if isinstance(data.get("metacenter"), dict):
+        data = data["metacenter"]
+    out = {}
+    for key, value in data.items():
+        name = key.replace("_", "-")
+        if name not in SETTINGS_BY_NAME:
+            raise ConfigError(f"--config: {path}: unknown setting {key!r}")
+        out[name] = value
+    return out
+
+
+def resolve(command_line, environ, config_path=None):
+    """command_line: {name: raw or None (not given)}; environ: a mapping."""
+    from_file = load_file(config_path) if config_path else {}
+    values = {}
+    for setting in SETTINGS:
+        raw = command_line.get(setting.name)
+        if setting.repeatable and raw == []:
+            raw = None
+        if raw is not None and raw is not False:
+            values[attribute_name(setting.name)] = _parse(setting, raw, "command line")
+            continue
+        env_name = next((e for e in setting.env if environ.get(e, "") != ""), None)
+        if env_name is not None:
+            values[attribute_name(setting.name)] = _parse(setting, environ[env_name], f"environment {env_name}")
+            continue
+        if setting.name in from_file:
+            values[attribute_name(setting.name)] = _parse(setting, from_file[setting.name], "config file")
+            continue
+        values[attribute_name(setting.name)] = setting.default
+    return Config(values)

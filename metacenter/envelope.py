@@ -1,0 +1,98 @@
+"""The response envelope and the API's error classes: one place for both.
+
+    {"status": "OK"|"ERROR", "error": null|{"code","message","reason"},
+     "data": ..., "trace_id": ...}
+"""
+
+import json
+import uuid
+
+JSON_CONTENT_TYPE = b"application/json; charset=utf-8"
+
+CODE_INVALID = 40001400
+CODE_NOT_FOUND = 40001404
+CODE_METHOD = 40001405
+CODE_TOO_LARGE = 40001413
+CODE_UNAUTHORIZED = 40101001
+CODE_UNAVAILABLE = 50301503
+CODE_INTERNAL = 50001000
+
+MSG_INVALID = "Invalid input parameters"
+MSG_INVALID_JSON = "Invalid input parameters: invalid JSON format"
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
+class ApiError(Exception):
+    """An answer other than OK. Raised anywhere below a route; mapped to the
+    envelope in exactly one place (``api.endpoint``)."""
+
+    def __init__(self, status, code, message, reason, headers=None):
+        super().__init__(reason)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.headers = headers or {}
+
+
+def invalid(reason):
+    return ApiError(400, CODE_INVALID, MSG_INVALID, reason)
+
+
+def invalid_json(reason):
+    return ApiError(400, CODE_INVALID, MSG_INVALID_JSON, reason)
+
+
+def not_found(reason):
+    return ApiError(404, CODE_NOT_FOUND, "Resource not found", reason)
+
+
+def method_not_allowed(allowed):
+    allowed = sorted(allowed)
+    return ApiError(405, CODE_METHOD, "Method not allowed",
+                    f"allowed methods: {', '.join(allowed)}", headers={b"Allow": ", ".join(allowed).encode()})
+
+
+def too_large(limit):
+    return ApiError(413, CODE_TOO_LARGE, "Request body too large",
+                    f"the request body exceeds the limit of {limit} bytes")
+
+
+def unauthorized(reason):
+    return ApiError(401, CODE_UNAUTHORIZED, "Authentication failed", reason)
+
+
+def unavailable(reason):
+    return ApiError(503, CODE_UNAVAILABLE, "Service unavailable", reason)
+
+
+def internal():
+    return ApiError(500, CODE_INTERNAL, "Internal error", "an unexpected error occurred; see the node's log")
+
+
+def new_trace_id():
+    return str(uuid.uuid4())
+
+
+def ok_body(data, trace_id):
+    return _dumps({"status": "OK", "error": None, "data": data, "trace_id": trace_id}).encode("utf-8")
+
+
+def ok_body_raw(data_json, trace_id):
+    """An OK envelope around data already serialised (cached GET bodies)."""
+    return b'{"status":"OK","error":null,"data":' + data_json + b',"trace_id":' + \
+        _dumps(trace_id).encode("utf-8") + b"}"
+
+
+def error_body(error, trace_id):
+    return _dumps({
+        "status": "ERROR",
+        "error": {"code": error.code, "message": error.message, "reason": error.reason},
+        "data": None,
+        "trace_id": trace_id,
+    }).encode("utf-8")
+
+
+def dumps(value):
+    return _dumps(value).encode("utf-8")

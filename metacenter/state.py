@@ -1,0 +1,408 @@
+"""The load table: a pure in-memory state machine, no I/O, injected clock.
+
+Each request id moves through a tiny lattice whose state depends only on the
+*set* of events seen for it, never on their order:
+
+    events seen            state                      engine contribution
+    {add}                  live                       queued +1, prompt +L
+    {add, prompt}          live, prompt deleted       queued +1
+    {prompt}               prompt tombstone           -
+    any set with delete    delete tombstone           -
+
+so replicas that apply the same events in any order, any number of times, end
+equal. Tombstones live for ``tombstone_ttl`` seconds, long enough to outlast any
+reordering.
+
+Memory: a live request is one dict entry ``request_id -> int`` where the int
+packs the created second, the engine id, the prompt length and a flag. Neither
+str nor int is tracked by the cyclic GC, so a million requests cost the
+collector nothing. Every request has the same time to live and is inserted in
+(nearly) created order, so expiry walks the dict from its oldest end and stops
+at the first request that is still young; the few inserted out of order
+(snapshots, clock steps) go to a small heap of stragglers.
+"""
+
+import heapq
+import zlib
+from collections import OrderedDict
+
+PROMPT_MAX = 2**31 - 1
+
+_FLAG_PROMPT_DELETED = 1
+_PROMPT_SHIFT = 1
+_ENGINE_SHIFT = 32
+_CREATED_SHIFT = 64
+_LOW32 = 0xFFFFFFFF
+
+TOMB_PROMPT = 1  # prompt delete seen, add not yet
+TOMB_DELETED = 2  # delete seen (or the request expired)
+
+
+def _pack(created_s, engine_id, prompt_length, prompt_deleted):
+    return (
+        (created_s << _CREATED_SHIFT)
+        | (engine_id << _ENGINE_SHIFT)
+        | (prompt_length << _PROMPT_SHIFT)
+        | (_FLAG_PROMPT_DELETED if prompt_deleted else 0)
+    )
+
+
+def _created(packed):
+    return packed >> _CREATED_SHIFT
+
+
+def _engine_id(packed):
+    return (packed >> _ENGINE_SHIFT) & _LOW32
+
+
+def _prompt(packed):
+    return (packed & _LOW32) >> _PROMPT_SHIFT
+
+
+def _prompt_deleted(packed):
+    return bool(packed & _FLAG_PROMPT_DELETED)
+
+
+def request_fingerprint(request_id, prompt_deleted):
+    """A stable 64-bit hash of a live request's replicated state, for digests."""
+    data = request_id.encode("utf-8", "surrogatepass")
+    low = zlib.crc32(data)
+    high = zlib.adler32(data) ^ (0x9E3779B9 if prompt_deleted else 0)
+    return (high << 32) | low
+
+
+class Engine:
+    """Counters of one inference engine (cluster, ip)."""
+
+    __slots__ = ("engine_id", "cluster", "ip", "queued", "prompt", "updated_ns")
+
+    def __init__(self, engine_id, cluster, ip, updated_ns):
+        self.engine_id = engine_id
+        self.cluster = cluster
+        self.ip = ip
+        self.queued = 0
+        self.prompt = 0
+        self.updated_ns = updated_ns
+
+    def as_dict(self):
+        return {
+            "ip": self.ip,
+            "queued_req_num": self.queued,
+            "prompt_length": self.prompt,
+            "updated_time": self.updated_ns,
+        }
+
+
+class Cluster:
+    """Engines of one cluster (a model), plus what replicas compare."""
+
+    __slots__ = ("name", "engines", "version", "live", "digest")
+
+    def __init__(self, name):
+        self.name = name
+        self.engines = {}  # ip -> Engine
+        # Changes on every change (a state-wide sequence, so a cluster that is
+        # removed and re-created never repeats one); lets the HTTP layer cache
+        # serialised bodies.
+        self.version = 0
+        # Live request count and XOR of their fingerprints: equal on two nodes
+        # (almost surely) iff they hold the same live requests in the same state.
+        self.live = 0
+        self.digest = 0
+
+
+class LoadState:
+    """Clusters -> engines -> counters, and the request registry behind them.
+
+    ``clock`` provides ``seconds()`` (an ``IReactorTime``, or ``task.Clock``).
+    Every mutation is O(1); a query is O(engines of the cluster).
+    """
+
+    def __init__(self, clock, request_expire=660.0, tombstone_ttl=60.0):
+        if request_expire <= 0:
+            raise ValueError("request_expire must be positive")
+        if tombstone_ttl <= 0:
+            raise ValueError("tombstone_ttl must be positive")
+        self._clock = clock
+        self.request_expire = request_expire
+        self.tombstone_ttl = tombstone_ttl
+        self._requests = {}  # request_id -> packed int
+        self._tombstones = {}  # request_id -> (created_s << 2) | kind
+        self._stragglers = []  # heap of (created_s, request_id) inserted out of order
+        self._newest_created = 0
+        self.clusters = {}  # name -> Cluster
+        self._engines = OrderedDict()  # engine_id -> Engine, least recently updated first
+        self._next_engine_id = 1
+        self._sequence = 0
+        # Observers (metrics, cache index) of engine removal: fn(Engine).
+        self.engine_removed_callbacks = []
+        self.stats = {"expired_requests": 0, "expired_tombstones": 0, "expired_engines": 0}
+
+    # -- sizes ---------------------------------------------------------------
+
+    @property
+    def request_count(self):
+        return len(self._requests)
+
+    @property
+    def tombstone_count(self):
+        return len(self._tombstones)
+
+    @property
+    def engine_count(self):
+        return len(self._engines)
+
+    # -- clock helpers -------------------------------------------------------
+
+    def _now(self):
+        return self._clock.seconds()
+
+    def _created_from(self, now, timestamp_ns):
+        """The request's birth second: the sender's timestamp when it is
+        plausible (so expiry agrees across replicas), else now."""
+        if timestamp_ns is not None:
+            created = timestamp_ns / 1e9
+            if now - self.request_expire < created <= now:
+                return int(created)
+        return int(now)
+
+    # -- engines -------------------------------------------------------------
+
+    def _engine_for(self, cluster_name, ip, now_ns):
+        cluster = self.clusters.get(cluster_name)
+        if cluster is None:
+            cluster = self.clusters[cluster_name] = Cluster(cluster_name)
+        engine = cluster.engines.get(ip)
+        if engine is None:
+            engine_id = self._next_engine_id
+            self._next_engine_id += 1
+            engine = cluster.engines[ip] = Engine(engine_id, cluster_name, ip, now_ns)
+            self._engines[engine_id] = engine
+        else:
+            engine.updated_ns = now_ns
+            self._engines.move_to_end(engine.engine_id)
+        self._sequence += 1
+        cluster.version = self._sequence
+        return engine, cluster
+
+    def _touch(self, engine, now_ns):
+        engine.updated_ns = now_ns
+        self._engines.move_to_end(engine.engine_id)
+        self._sequence += 1
+        self.clusters[engine.cluster].version = self._sequence
+
+    # -- mutations -----------------------------------------------------------
+
+    def add(self, cluster, request_id, ip, prompt_length=0, timestamp_ns=None):
+        """A request was routed to engine (cluster, ip). Returns True if the
+        counters changed (False for a duplicate or an already finished one)."""
+        now = self._now()
+        now_ns = int(now * 1e9)
+        if request_id in self._requests:
+            return False
+        tomb = self._tombstones.get(request_id)
+        if tomb is not None and tomb & 3 == TOMB_DELETED:
+            # It finished already: as if added then deleted, the engine exists
+            # and its counters are unchanged.
+            self._engine_for(cluster, ip, now_ns)
+            return False
+        prompt_deleted = tomb is not None  # a prompt tombstone
+        if prompt_deleted:
+            del self._tombstones[request_id]
+        engine, cluster_obj = self._engine_for(cluster, ip, now_ns)
+        created = self._created_from(now, timestamp_ns)
+        self._insert(request_id, _pack(created, engine.engine_id, prompt_length, prompt_deleted), created)
+        engine.queued += 1
+        if not prompt_deleted:
+            engine.prompt += prompt_length
+        cluster_obj.live += 1
+        cluster_obj.digest ^= request_fingerprint(request_id, prompt_deleted)
+        return True
+
+    def _insert(self, request_id, packed, created):
+        self._requests[request_id] = packed
+        if created < self._newest_created:
+            heapq.heappush(self._stragglers, (created, request_id))
+        else:
+            self._newest_created = created
+
+    def delete_prompt(self, request_id, timestamp_ns=None):
+        """Prefill finished: drop the request's prompt bytes, once."""
+        packed = self._requests.get(request_id)
+        if packed is None:
+            if request_id not in self._tombstones:
+                self._tombstones[request_id] = (int(self._now()) << 2) | TOMB_PROMPT
+            return False
+        if packed & _FLAG_PROMPT_DELETED:
+            return False
+        self._requests[request_id] = packed | _FLAG_PROMPT_DELETED
+        engine = self._engines.get(_engine_id(packed))
+        if engine is not None:
+            engine.prompt -= _prompt(packed)
+            self._touch(engine, int(self._now() * 1e9))
+            cluster = self.clusters[engine.cluster]
+            cluster.digest ^= request_fingerprint(request_id, False) ^ request_fingerprint(request_id, True)
+        return True
+
+    def delete(self, request_id, timestamp_ns=None):
+        """The request completed: forget it and leave a delete tombstone."""
+        now = self._now()
+        packed = self._requests.pop(request_id, None)
+        self._tombstones.pop(request_id, None)  # re-insert: expiry follows insertion order
+        self._tombstones[request_id] = (int(now) << 2) | TOMB_DELETED
+        if packed is None:
+            return False
+        self._release(request_id, packed, int(now * 1e9))
+        return True
+
+    def _release(self, request_id, packed, now_ns):
+        engine = self._engines.get(_engine_id(packed))
+        if engine is None:
+            return
+        engine.queued -= 1
+        prompt_deleted = _prompt_deleted(packed)
+        if not prompt_deleted:
+            engine.prompt -= _prompt(packed)
+        self._touch(engine, now_ns)
+        cluster = self.clusters[engine.cluster]
+        cluster.live -= 1
+        cluster.digest ^= request_fingerprint(request_id, prompt_deleted)
+
+    # -- queries -------------------------------------------------------------
+
+    def cluster_load(self, cluster):
+        """The engines of a cluster as the wire's list of dicts ([] if unknown)."""
+        c = self.clusters.get(cluster)
+        if c is None:
+            return []
+        return [e.as_dict() for e in c.engines.values()]
+
+    def request_state(self, request_id):
+        """For tests and repair: 'live', 'live-prompt-deleted', 'prompt-tombstone',
+        'deleted' or None."""
+        packed = self._requests.get(request_id)
+        if packed is not None:
+            return "live-prompt-deleted" if packed & _FLAG_PROMPT_DELETED else "live"
+        tomb = self._tombstones.get(request_id)
+        if tomb is None:
+            return None
+        return "deleted" if tomb & 3 == TOMB_DELETED else "prompt-tombstone"
+
+    def request_record(self, request_id):
+        """(cluster, ip, prompt_length, prompt_deleted, created_s) of a live request."""
+        packed = self._requests.get(request_id)
+        if packed is None:
+            return None
+        engine = self._engines.get(_engine_id(packed))
+        if engine is None:
+            return None
+        return (engine.cluster, engine.ip, _prompt(packed), _prompt_deleted(packed), _created(packed))
+
+    def iter_requests(self):
+        """Yield (request_id, cluster, ip, prompt_length, prompt_deleted, created_s)
+        for every live request. Callers chunk it; the dict must not change size
+        while a chunk is being read, so take them with itertools.islice."""
+        engines = self._engines
+        requests = self._requests
+        for request_id in list(requests):
+            packed = requests.get(request_id)
+            if packed is None:
+                continue
+            engine = engines.get(_engine_id(packed))
+            if engine is not None:
+                yield (request_id, engine.cluster, engine.ip, _prompt(packed),
+                       _prompt_deleted(packed), _created(packed))
+
+    def iter_tombstones(self):
+        """Yield (request_id, kind, created_s) for every tombstone."""
+        for request_id, tomb in list(self._tombstones.items()):
+            yield request_id, tomb & 3, tomb >> 2
+
+    def apply_record(self, request_id, cluster, ip, prompt_length, prompt_deleted, created_s):
+        """Merge one live request from a peer's snapshot: the same as the events
+        it stands for (add, and prompt delete when set), keeping its birth time."""
+        changed = self.add(cluster, request_id, ip, prompt_length,
+                           timestamp_ns=int(created_s * 1e9) if created_s is not None else None)
+        if prompt_deleted:
+            changed = self.delete_prompt(request_id) or changed
+        return changed
+
+    def apply_tombstone(self, request_id, kind):
+        """Merge one tombstone from a peer: the event it stands for."""
+        if kind == TOMB_DELETED:
+            return self.delete(request_id)
+        return self.delete_prompt(request_id)
+
+    # -- expiry --------------------------------------------------------------
+
+    def expire(self, chunk=10000):
+        """Remove what outlived its time. A generator: each step does at most
+        about ``chunk`` removals, so a shell can spread a big sweep over several
+        reactor turns (``task.cooperate``). Exhaust it for a full sweep."""
+        now = self._now()
+        now_ns = int(now * 1e9)
+        request_limit = now - self.request_expire
+        while True:
+            due = []
+            for request_id, packed in self._requests.items():
+                if _created(packed) > request_limit or len(due) >= chunk:
+                    break
+                due.append((request_id, packed))
+            while self._stragglers and self._stragglers[0][0] <= request_limit and len(due) < chunk:
+                created, request_id = heapq.heappop(self._stragglers)
+                packed = self._requests.get(request_id)
+                if packed is not None and _created(packed) == created:
+                    due.append((request_id, packed))
+            if not due:
+                break
+            for request_id, packed in due:
+                if self._requests.get(request_id) != packed:
+                    continue  # already taken (a straggler also at the front)
+                del self._requests[request_id]
+                self._tombstones.pop(request_id, None)
+                self._tombstones[request_id] = (int(now) << 2) | TOMB_DELETED
+                self._release(request_id, packed, now_ns)
+                self.stats["expired_requests"] += 1
+            yield len(due)
+
+        tomb_limit = now - self.tombstone_ttl
+        while True:
+            due = []
+            for request_id, tomb in self._tombstones.items():
+                if (tomb >> 2) > tomb_limit or len(due) >= chunk:
+                    break
+                due.append(request_id)
+            if not due:
+                break
+            for request_id in due:
+                del self._tombstones[request_id]
+            self.stats["expired_tombstones"] += len(due)
+            yield len(due)
+
+        engine_limit_ns = int(request_limit * 1e9)
+        removed = 0
+        while self._engines:
+            engine_id, engine = next(iter(self._engines.items()))
+            if engine.updated_ns > engine_limit_ns:
+                break
+            self._remove_engine(engine)
+            removed += 1
+        if removed:
+            self.stats["expired_engines"] += removed
+            yield removed
+
+    def _remove_engine(self, engine):
+        del self._engines[engine.engine_id]
+        cluster = self.clusters[engine.cluster]
+        del cluster.engines[engine.ip]
+        self._sequence += 1
+        cluster.version = self._sequence
+        if not cluster.engines:
+            del self.clusters[engine.cluster]
+        for callback in self.engine_removed_callbacks:
+            callback(engine)
+
+    def expire_all(self):
+        """Run a whole sweep at once (tests, small states)."""
+        for _ in self.expire():
+            pass

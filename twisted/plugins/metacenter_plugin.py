@@ -1,0 +1,8 @@
+from twisted.application.service import ServiceMaker
+
+metacenter = ServiceMaker(
+    "metacenter",
+    "metacenter.tap",
+    "Metadata center for AI inference clusters: engine load and KV-cache locations.",
+    "metacenter",
+)
