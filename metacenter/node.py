@@ -1,0 +1,95 @@
+"""The node: the load state plus what happens around each accepted mutation
+(metrics, replication). The HTTP layer and the replication receiver both call
+these methods; neither touches the state directly.
+"""
+
+import time
+
+from metacenter import __version__
+from metacenter.validation import LoadAdd, LoadDelete
+
+EVENT_ADD = "load.stats.set"
+EVENT_DELETE = "load.stats.delete"
+EVENT_PROMPT_DELETE = "load.prompt.delete"
+LOAD_EVENT_TYPES = (EVENT_ADD, EVENT_DELETE, EVENT_PROMPT_DELETE)
+
+ORIGIN_CLIENT = "client"
+ORIGIN_PEER = "peer"
+
+
+def event_body(event_type, event):
+    """The JSON object a replicated event carries (the original request, with
+    its timestamp), as the reference sends it."""
+    if event_type == EVENT_ADD:
+        return {"cluster": event.cluster, "request_id": event.request_id, "ip": event.ip,
+                "prompt_length": event.prompt_length, "timestamp": event.timestamp}
+    return {"request_id": event.request_id, "timestamp": event.timestamp}
+
+
+class Node:
+    def __init__(self, state, clock, metrics, advertise=""):
+        self.state = state
+        self.clock = clock
+        self.metrics = metrics
+        self.advertise = advertise
+        self.started_at_ns = int(time.time() * 1e9)
+        self.version = __version__
+        # fn(event_type, event, trace_id) for every accepted client mutation.
+        self.event_listeners = []
+        # Set by the replication layer: not ready until the warm start is done.
+        self.ready = True
+        self.not_ready_reason = None
+        # Optional providers filled in by other services (replication, cache).
+        self.peer_status = lambda: []
+        self.cache = None
+
+    def _stamped(self, event):
+        """Events leaving this node carry a timestamp (set now if the client
+        sent none), so every replica agrees on the request's birth."""
+        if event.timestamp is not None:
+            return event
+        now_ns = int(self.clock.seconds() * 1e9)
+        if isinstance(event, LoadAdd):
+            return LoadAdd(event[:4] + (now_ns,))
+        return LoadDelete((event[0], now_ns))
+
+    def apply(self, event_type, event, trace_id=None, origin=ORIGIN_CLIENT):
+        """Apply one validated load event; returns whether the state changed."""
+        self.metrics.observe_event_timestamp(event.timestamp, self.clock.seconds())
+        if origin == ORIGIN_CLIENT:
+            event = self._stamped(event)
+        state = self.state
+        if event_type == EVENT_ADD:
+            changed = state.add(event.cluster, event.request_id, event.ip, event.prompt_length, event.timestamp)
+        elif event_type == EVENT_DELETE:
+            changed = state.delete(event.request_id, event.timestamp)
+        else:
+            changed = state.delete_prompt(event.request_id, event.timestamp)
+        self.metrics.observe_event(event_type, origin, changed)
+        if origin == ORIGIN_CLIENT:
+            for listener in self.event_listeners:
+                listener(event_type, event, trace_id)
+        return changed
+
+    def status(self):
+        state = self.state
+        return {
+            "version": self.version,
+            "node": self.advertise,
+            "started_at": self.started_at_ns,
+            "ready": self.ready,
+            "requests": state.request_count,
+            "tombstones": state.tombstone_count,
+            "engines": state.engine_count,
+            "clusters": len(state.clusters),
+            "peers": self.peer_status(),
+            "digest": {name: {"live": c.live, "digest": format(c.digest, "016x")}
+                       for name, c in state.clusters.items()},
+        }
+
+    def overview(self):
+        return {
+            "time": int(self.clock.seconds() * 1e9),
+            "clusters": [{"cluster": name, "engines": [e.as_dict() for e in c.engines.values()]}
+                         for name, c in self.state.clusters.items()],
+        }

@@ -1,0 +1,73 @@
+"""Periodic expiry: drives ``LoadState.expire`` in chunks on the reactor, so a
+sweep over a million requests never stalls the gateways being served."""
+
+from time import perf_counter
+
+from twisted.internet import task
+
+from metacenter.logs import logger
+
+log = logger("metacenter.sweeper")
+
+
+class Sweeper:
+    def __init__(self, state, metrics, reactor, chunk=5000):
+        self._state = state
+        self._metrics = metrics
+        self._chunk = chunk
+        # Each chunk runs in its own reactor turn.
+        self._cooperator = task.Cooperator(
+            scheduler=lambda work: reactor.callLater(0, work),
+            terminationPredicateFactory=lambda: _one_step(),
+        )
+        self.running = None
+
+    def sweep(self):
+        """TimerService callback: never raises (that would stop the timer for
+        good), never overlaps a sweep still in progress."""
+        if self.running is not None:
+            return self.running
+        try:
+            before = dict(self._state.stats)
+            started = perf_counter()
+            cooperative = self._cooperator.cooperate(self._state.expire(self._chunk))
+        except Exception:
+            log.failure("expiry sweep failed to start")
+            return None
+        d = cooperative.whenDone()
+        d.addCallback(lambda _: self._done(before, started))
+        d.addErrback(lambda f: log.failure("expiry sweep failed", f))
+        d.addBoth(self._finished)
+        self.running = d
+        return d
+
+    def _finished(self, result):
+        self.running = None
+        return None
+
+    def _done(self, before, started):
+        elapsed = perf_counter() - started
+        self._metrics.gc_sweep_seconds.observe(elapsed)
+        stats = self._state.stats
+        removed = {}
+        for key, kind in (("expired_requests", "request"), ("expired_tombstones", "tombstone"),
+                          ("expired_engines", "engine")):
+            count = stats[key] - before.get(key, 0)
+            if count:
+                self._metrics.expired.labels(kind).inc(count)
+            removed[kind] = count
+        if removed["request"] or removed["engine"]:
+            log.info("expiry sweep removed {requests} requests, {tombstones} tombstones, {engines} engines "
+                     "in {seconds:.3f}s", requests=removed["request"], tombstones=removed["tombstone"],
+                     engines=removed["engine"], seconds=elapsed)
+
+
+def _one_step():
+    """Cooperator termination predicate: one iterator step per reactor turn."""
+    calls = [0]
+
+    def predicate():
+        calls[0] += 1
+        return calls[0] > 1
+
+    return predicate
