@@ -70,7 +70,7 @@ class OperationsRoutes:
             raise envelope.invalid(validation.LOG_LEVEL_REASON) from None
         level = validation.log_level(body)
         logs.set_level(level)
-        log.info("log level set to {level}", level=level)
+        log.info("log level set to {new_level}", new_level=level)
         return "log level updated successfully"
 
     @endpoint("/metrics", ["GET"])
