@@ -12,6 +12,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from metacenter import envelope, logs, validation
 from metacenter.http import PlainResponse, Raw, app, endpoint, log, read_json_object, respond
 from metacenter.replica_api import ReplicaRoutes
+from metacenter.routing import RoutingResource
 from metacenter.node import EVENT_ADD, EVENT_DELETE, EVENT_PROMPT_DELETE, ORIGIN_CLIENT
 
 OPENAPI_PATH = os.path.join(os.path.dirname(__file__), "openapi.json")
@@ -112,7 +113,7 @@ class MetacenterAPI(LoadRoutes, OperationsRoutes, ReplicaRoutes):
         self._openapi = None
 
     def resource(self):
-        return self.app.resource()
+        return RoutingResource(self)
 
     # Unknown paths and wrong methods answer in the envelope too.
     @app.handle_errors(NotFound)

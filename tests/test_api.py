@@ -17,14 +17,17 @@ from metacenter.state import LoadState
 
 
 class Harness:
-    def __init__(self, request_expire=660.0):
+    def __init__(self, request_expire=660.0, through_klein=False):
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.state = LoadState(self.clock, request_expire=request_expire)
         self.metrics = Metrics(self.state)
         self.node = Node(self.state, self.clock, self.metrics)
         self.api = MetacenterAPI(self.node, self.metrics)
-        self.treq = StubTreq(self.api.resource())
+        # The node serves through RoutingResource (Klein's table, dispatched
+        # directly); the same tests run through Klein's own resource to prove
+        # the two behave identically.
+        self.treq = StubTreq(self.api.app.resource() if through_klein else self.api.resource())
         self.events = []
         self.node.event_listeners.append(lambda *event: self.events.append(event))
 
@@ -50,9 +53,9 @@ class Harness:
         )
 
 
-@pytest.fixture
-def node():
-    return Harness()
+@pytest.fixture(params=["routed", "klein"])
+def node(request):
+    return Harness(through_klein=request.param == "klein")
 
 
 def add_body(request_id="r1", cluster="llama", ip="10.0.0.1", prompt_length=100, **extra):
