@@ -37,6 +37,9 @@ _LOW32 = 0xFFFFFFFF
 TOMB_PROMPT = 1  # prompt delete seen, add not yet
 TOMB_DELETED = 2  # delete seen (or the request expired)
 
+# Entries one expiry step looks at: a few milliseconds of reactor time.
+EXPIRE_CHUNK = 2000
+
 
 def _pack(created_s, engine_id, prompt_length, prompt_deleted):
     return (
@@ -166,6 +169,14 @@ class LoadState:
                 return int(created)
         return int(now)
 
+    def _created_from_record(self, now, created_s):
+        """A peer's record is as old as the peer says, within bounds: one that
+        is already past the expiry goes at the next sweep, as on the peer,
+        instead of starting a new life here."""
+        if created_s is None:
+            return int(now)
+        return int(min(max(created_s, now - self.request_expire), now))
+
     # -- engines -------------------------------------------------------------
 
     def _engine_for(self, cluster_name, ip, now_ns):
@@ -197,6 +208,12 @@ class LoadState:
         """A request was routed to engine (cluster, ip). Returns True if the
         counters changed (False for a duplicate or an already finished one)."""
         now = self._now()
+        return self._add(cluster, request_id, ip, prompt_length, now, self._created_from(now, timestamp_ns))
+
+    def _add(self, cluster, request_id, ip, prompt_length, now, created):
+        if not 0 <= prompt_length <= PROMPT_MAX:
+            # It is packed into 31 bits; validation keeps clients in range.
+            raise ValueError(f"prompt_length must be in [0, {PROMPT_MAX}], got {prompt_length}")
         now_ns = int(now * 1e9)
         if request_id in self._requests:
             return False
@@ -210,7 +227,6 @@ class LoadState:
         if prompt_deleted:
             del self._tombstones[request_id]
         engine, cluster_obj = self._engine_for(cluster, ip, now_ns)
-        created = self._created_from(now, timestamp_ns)
         self._insert(request_id, _pack(created, engine.engine_id, prompt_length, prompt_deleted), created)
         engine.queued += 1
         if not prompt_deleted:
@@ -263,8 +279,14 @@ class LoadState:
         prompt_deleted = _prompt_deleted(packed)
         if not prompt_deleted:
             engine.prompt -= _prompt(packed)
-        self._touch(engine, now_ns)
         cluster = self.clusters[engine.cluster]
+        if now_ns is None:
+            # Expiry is not a sign of life: an engine whose requests only
+            # expire goes in the same sweep.
+            self._sequence += 1
+            cluster.version = self._sequence
+        else:
+            self._touch(engine, now_ns)
         cluster.live -= 1
         cluster.digest ^= request_fingerprint(request_id, prompt_deleted)
 
@@ -321,8 +343,8 @@ class LoadState:
     def apply_record(self, request_id, cluster, ip, prompt_length, prompt_deleted, created_s):
         """Merge one live request from a peer's snapshot: the same as the events
         it stands for (add, and prompt delete when set), keeping its birth time."""
-        changed = self.add(cluster, request_id, ip, prompt_length,
-                           timestamp_ns=int(created_s * 1e9) if created_s is not None else None)
+        now = self._now()
+        changed = self._add(cluster, request_id, ip, prompt_length, now, self._created_from_record(now, created_s))
         if prompt_deleted:
             changed = self.delete_prompt(request_id) or changed
         return changed
@@ -335,35 +357,33 @@ class LoadState:
 
     # -- expiry --------------------------------------------------------------
 
-    def expire(self, chunk=10000):
-        """Remove what outlived its time. A generator: each step does at most
-        about ``chunk`` removals, so a shell can spread a big sweep over several
-        reactor turns (``task.cooperate``). Exhaust it for a full sweep."""
+    def expire(self, chunk=EXPIRE_CHUNK):
+        """Remove what outlived its time. A generator: each step looks at no
+        more than ``chunk`` entries and yields how many it removed, so a shell
+        can spread a big sweep over several reactor turns (``task.cooperate``).
+        Exhaust it for a full sweep. Mutations between steps are safe."""
+        if chunk < 1:
+            raise ValueError("chunk must be at least 1")
         now = self._now()
-        now_ns = int(now * 1e9)
         request_limit = now - self.request_expire
         while True:
-            due = []
-            for request_id, packed in self._requests.items():
-                if _created(packed) > request_limit or len(due) >= chunk:
-                    break
-                due.append((request_id, packed))
-            while self._stragglers and self._stragglers[0][0] <= request_limit and len(due) < chunk:
-                created, request_id = heapq.heappop(self._stragglers)
-                packed = self._requests.get(request_id)
-                if packed is not None and _created(packed) == created:
-                    due.append((request_id, packed))
-            if not due:
+            due = self._due_requests(request_limit, chunk)
+            if due is None:
                 break
+            # Stamped with the time of this step: tombstones stay in time order
+            # even when events arrived between steps.
+            tomb = (int(self._now()) << 2) | TOMB_DELETED
+            removed = 0
             for request_id, packed in due:
                 if self._requests.get(request_id) != packed:
-                    continue  # already taken (a straggler also at the front)
+                    continue  # a straggler also met at the front, already gone
                 del self._requests[request_id]
                 self._tombstones.pop(request_id, None)
-                self._tombstones[request_id] = (int(now) << 2) | TOMB_DELETED
-                self._release(request_id, packed, now_ns)
-                self.stats["expired_requests"] += 1
-            yield len(due)
+                self._tombstones[request_id] = tomb
+                self._release(request_id, packed, None)
+                removed += 1
+            self.stats["expired_requests"] += removed
+            yield removed
 
         tomb_limit = now - self.tombstone_ttl
         while True:
@@ -380,16 +400,38 @@ class LoadState:
             yield len(due)
 
         engine_limit_ns = int(request_limit * 1e9)
-        removed = 0
-        while self._engines:
-            engine_id, engine = next(iter(self._engines.items()))
-            if engine.updated_ns > engine_limit_ns:
+        while True:
+            idle = []
+            for engine in self._engines.values():
+                if engine.updated_ns > engine_limit_ns or len(idle) >= chunk:
+                    break
+                idle.append(engine)
+            if not idle:
                 break
-            self._remove_engine(engine)
-            removed += 1
-        if removed:
-            self.stats["expired_engines"] += removed
-            yield removed
+            for engine in idle:
+                self._remove_engine(engine)
+            self.stats["expired_engines"] += len(idle)
+            yield len(idle)
+
+    def _due_requests(self, request_limit, chunk):
+        """Up to ``chunk`` (request_id, packed) born at or before the limit,
+        from the oldest end of the table and from the stragglers' heap; None
+        when there are none left. Stale heap entries count towards ``chunk`` so
+        that a step stays bounded."""
+        due = []
+        for request_id, packed in self._requests.items():
+            if _created(packed) > request_limit or len(due) >= chunk:
+                break
+            due.append((request_id, packed))
+        looked = len(due)
+        stragglers = self._stragglers
+        while stragglers and stragglers[0][0] <= request_limit and looked < chunk:
+            created, request_id = heapq.heappop(stragglers)
+            looked += 1
+            packed = self._requests.get(request_id)
+            if packed is not None and _created(packed) == created:
+                due.append((request_id, packed))
+        return due if looked else None
 
     def _remove_engine(self, engine):
         del self._engines[engine.engine_id]
