@@ -8,6 +8,7 @@ with a silently ignored setting.
 """
 
 import ipaddress
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -18,34 +19,38 @@ class ConfigError(ValueError):
 
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_BARE_SECONDS = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def parse_duration(text):
     """Go duration syntax ("60s", "11m", "1h30m", "500ms") to seconds; a bare
-    number is taken as seconds."""
+    number is taken as seconds. Never NaN or infinite."""
+    error = ValueError(f"expected a duration such as 60s, 11m or 500ms, got {text!r}")
     if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if not math.isfinite(text):
+            raise error
         return float(text)
     if not isinstance(text, str):
-        raise ValueError(f"expected a duration such as 60s, 11m or 500ms, got {text!r}")
+        raise error
     s = text.strip()
-    try:
+    if _BARE_SECONDS.fullmatch(s):
         return float(s)
-    except ValueError:
-        pass
     sign = 1.0
-    if s[:1] in "+-":
+    if s[:1] in ("+", "-"):
         sign = -1.0 if s[0] == "-" else 1.0
         s = s[1:]
-    pos, total = 0, 0.0
     if not s:
-        raise ValueError(f"expected a duration such as 60s, 11m or 500ms, got {text!r}")
+        raise error
+    pos, total = 0, 0.0
     while pos < len(s):
         m = _DURATION_PART.match(s, pos)
         if m is None:
-            raise ValueError(f"expected a duration such as 60s, 11m or 500ms, got {text!r}")
+            raise error
         total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
         pos = m.end()
+    if not math.isfinite(total):
+        raise error
     return sign * total
 
 
@@ -57,7 +62,8 @@ def positive_duration(text):
 
 
 def positive_int(text):
-    if isinstance(text, bool):
+    # int(1.5) would be 1: a float from the file is refused, not truncated.
+    if isinstance(text, (bool, float)):
         raise ValueError(f"expected a positive integer, got {text!r}")
     try:
         value = int(text)
@@ -125,7 +131,9 @@ def host_port(text):
 
 
 def text_value(text):
-    return str(text)
+    if not isinstance(text, str):
+        raise ValueError(f"expected a string, got {text!r}")
+    return text
 
 
 def ip_list(text):
@@ -138,11 +146,9 @@ def ip_list(text):
 
 
 def host_port_list(text):
-    if isinstance(text, (list, tuple)):
-        items = list(text)
-    else:
-        items = [p for p in str(text).split(",") if p.strip()]
-    return tuple(host_port(p) for p in items)
+    """HOST:PORT items, comma separated in one value or given as a list."""
+    items = text if isinstance(text, (list, tuple)) else [text]
+    return tuple(host_port(p) for item in items for p in str(item).split(",") if p.strip())
 
 
 @dataclass(frozen=True)
@@ -196,6 +202,24 @@ SETTINGS = (
             env=("REPLICA_CLIENT_IDLE_CONN_TIMEOUT",)),
     Setting("replica-keepalive-period", positive_duration, 30.0, "TCP keepalive period of peer connections.",
             env=("REPLICA_CLIENT_KEEPALIVE_PERIOD",)),
+    Setting("replica-batch-size", positive_int, 128,
+            "A batch to a peer goes as soon as it holds this many events (or --replica-batch-interval passed).",
+            env=("METACENTER_REPLICA_BATCH_SIZE",)),
+    Setting("replica-batch-interval", positive_duration, 0.002,
+            "Longest time an event waits for its batch to fill before it is sent.",
+            env=("METACENTER_REPLICA_BATCH_INTERVAL",)),
+    Setting("replica-queue-size", positive_int, 100000,
+            "Events queued per peer at most; older ones beyond it are dropped (anti-entropy repairs them).",
+            env=("METACENTER_REPLICA_QUEUE_SIZE",)),
+    Setting("replica-probe-interval", positive_duration, 60.0,
+            "How often a peer without the batch endpoint (a reference node) is asked again for batches.",
+            env=("METACENTER_REPLICA_PROBE_INTERVAL",)),
+    Setting("anti-entropy-interval", positive_duration, 10.0,
+            "How often a node compares its state digests with every peer and repairs differences.",
+            env=("METACENTER_ANTI_ENTROPY_INTERVAL",)),
+    Setting("warm-start-timeout", positive_duration, 30.0,
+            "A starting node waits at most this long for a peer's snapshot before it reports ready anyway.",
+            env=("METACENTER_WARM_START_TIMEOUT",)),
 )
 
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
@@ -210,6 +234,8 @@ class Config:
     values: dict = field(default_factory=dict)
 
     def __getattr__(self, item):
+        if item == "values":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(item)
         try:
             return self.values[item]
         except KeyError:
@@ -231,14 +257,20 @@ def load_file(path):
         raise ConfigError(f"--config: cannot read {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"--config: {path} is not valid TOML: {e}") from None
-    # Accept both a flat file and one with a [metacenter] table.
+    # Accept both a flat file and one with a [metacenter] table, not a mix:
+    # keys beside the table would be silently ignored.
     if isinstance(data.get("metacenter"), dict):
+        outside = sorted(k for k in data if k != "metacenter")
+        if outside:
+            raise ConfigError(f"--config: {path}: {', '.join(map(repr, outside))} outside the [metacenter] table")
         data = data["metacenter"]
     out = {}
     for key, value in data.items():
         name = key.replace("_", "-")
         if name not in SETTINGS_BY_NAME:
             raise ConfigError(f"--config: {path}: unknown setting {key!r}")
+        if name in out:
+            raise ConfigError(f"--config: {path}: setting {name!r} given twice")
         out[name] = value
     return out
 
@@ -249,9 +281,11 @@ def resolve(command_line, environ, config_path=None):
     values = {}
     for setting in SETTINGS:
         raw = command_line.get(setting.name)
-        if setting.repeatable and raw == []:
+        # Not given: None; twistd gives an unset flag as 0 and an unused
+        # repeatable option as [].
+        if (setting.flag and not raw) or (setting.repeatable and raw == []):
             raw = None
-        if raw is not None and raw is not False:
+        if raw is not None:
             values[attribute_name(setting.name)] = _parse(setting, raw, "command line")
             continue
         env_name = next((e for e in setting.env if environ.get(e, "") != ""), None)
