@@ -71,6 +71,15 @@ class Node:
                 listener(event_type, event, trace_id)
         return changed
 
+    def merge_record(self, request_id, cluster, ip, prompt_length, prompt_deleted, created_s):
+        """A live request from a peer's snapshot or repair; an order-insensitive
+        merge, so what also arrives as events is never counted twice."""
+        return self.state.apply_record(request_id, cluster, ip, prompt_length, prompt_deleted, created_s)
+
+    def merge_tombstone(self, request_id, kind):
+        """A delete (or early prompt delete) from a peer's snapshot or repair."""
+        return self.state.apply_tombstone(request_id, kind)
+
     def status(self):
         state = self.state
         return {
