@@ -1,0 +1,68 @@
+"""The gateway's engine score (WIRE.md section 5), as a pure function.
+
+    score = 2*cache_ratio - w_req*request_load - 3*prefill_load
+
+    cache_ratio  = cache match length / len(prompt_hash)
+    request_load = (queued - min queued) / max(2, max queued - min queued)
+    w_req        = ceil(max(2, max queued - min queued) / 5)
+    prefill_load = prompt_length / max(1024, max prompt_length)
+
+minimum and maximum taken over the engines being scored. The gateway then
+picks at random among the best 5 %; this module only ranks.
+"""
+
+import math
+
+
+def score_engines(engines_load, cache_lengths, hash_count, ips=None):
+    """Rank a cluster's engines for one prompt, best first.
+
+    ``engines_load``: dicts with ``ip``, ``queued_req_num`` and
+    ``prompt_length`` (``LoadState.cluster_load``). ``cache_lengths``:
+    {ip: leading hashes held} (``CacheIndex.match_lengths``). ``hash_count``:
+    len(prompt_hash). ``ips``: if given, exactly these engines are scored
+    (an engine without load data counts as idle), else every engine that has
+    load data or a cache match.
+
+    Returns dicts with the inputs (``queued_req_num``, ``prompt_length``,
+    ``cache_length``), the terms (``cache_ratio``, ``request_load``,
+    ``prefill_load``) and ``score``; equal scores are ordered by ip.
+    """
+    load_by_ip = {e["ip"]: e for e in engines_load}
+    if ips is None:
+        candidates = list(load_by_ip)
+        candidates += [ip for ip in cache_lengths if ip not in load_by_ip]
+    else:
+        candidates = list(dict.fromkeys(ips))
+    if not candidates:
+        return []
+
+    rows = []
+    for ip in candidates:
+        load = load_by_ip.get(ip)
+        queued = load["queued_req_num"] if load else 0
+        prompt = load["prompt_length"] if load else 0
+        rows.append((ip, queued, prompt, cache_lengths.get(ip, 0)))
+
+    min_queued = min(r[1] for r in rows)
+    spread = max(2, max(r[1] for r in rows) - min_queued)
+    request_weight = math.ceil(spread / 5)
+    prefill_scale = max(1024, max(r[2] for r in rows))
+
+    scored = []
+    for ip, queued, prompt, length in rows:
+        cache_ratio = length / hash_count if hash_count else 0.0
+        request_load = (queued - min_queued) / spread
+        prefill_load = prompt / prefill_scale
+        scored.append({
+            "ip": ip,
+            "queued_req_num": queued,
+            "prompt_length": prompt,
+            "cache_length": length,
+            "cache_ratio": cache_ratio,
+            "request_load": request_load,
+            "prefill_load": prefill_load,
+            "score": 2 * cache_ratio - request_weight * request_load - 3 * prefill_load,
+        })
+    scored.sort(key=lambda row: (-row["score"], row["ip"]))
+    return scored
