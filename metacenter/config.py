@@ -179,6 +179,15 @@ SETTINGS = (
             env=("METACENTER_LOG_LEVEL",)),
     Setting("access-log", boolean, False, "Log every HTTP request (off by default: the hot path).",
             env=("METACENTER_ACCESS_LOG",), flag=True),
+    # -- the KV-cache index (docs/cache.md) ---------------------------------------
+    Setting("cache-engine-blocks", positive_int, 16384,
+            "KV-cache blocks (512 prompt bytes each) remembered per engine; the least recently used go first.",
+            env=("METACENTER_CACHE_ENGINE_BLOCKS",)),
+    Setting("cache-ttl", positive_duration, 1800.0, "A cached block not saved again for this long is forgotten.",
+            env=("METACENTER_CACHE_TTL",)),
+    Setting("cache-max-blocks", positive_int, 2000000,
+            "KV-cache blocks remembered over all engines (~210 bytes each); the least recently saved engine yields.",
+            env=("METACENTER_CACHE_MAX_BLOCKS",)),
     # -- the cluster ------------------------------------------------------------
     Setting("peers-dns", text_value, "", "DNS name whose A/AAAA records are the peers (a headless Service).",
             env=("META_DATA_CENTER_SVC_DISC_HOST",)),

@@ -56,6 +56,8 @@ def required_string(obj, name):
         raise invalid(f"field '{name}' must be a string, got {json_type(value)}")
     if not value:
         raise invalid(f"field '{name}' must not be empty")
+    if not value.isascii() and any("\ud800" <= c <= "\udfff" for c in value):
+        raise invalid(f"field '{name}' must be valid Unicode text, got a lone surrogate escape (\\ud800-\\udfff)")
     return value
 
 
