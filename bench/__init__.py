@@ -1,0 +1,2 @@
+"""The benchmark of a metacenter node: ``make bench`` (``python -m bench``).
+See docs/performance.md."""

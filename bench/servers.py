@@ -1,0 +1,216 @@
+"""The processes a benchmark measures: a real ``twistd metacenter`` node run
+from this source tree, and the bare ``twisted.web`` ceiling (bench.ceiling).
+
+Both are pinned to the server core when ``taskset`` exists and the machine
+has two cores or more; the harness and the load generators stay on the
+other. CPU time and RSS are read from /proc.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+TWISTD = os.path.join(BIN, "twistd")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# -- cores ---------------------------------------------------------------------
+
+
+class Cores:
+    """Which core the server gets and which the load generator gets."""
+
+    def __init__(self, pin=True):
+        cpus = sorted(os.sched_getaffinity(0))
+        self.taskset = shutil.which("taskset")
+        self.pinned = bool(pin and self.taskset and len(cpus) >= 2)
+        if self.pinned:
+            self.server, self.client = cpus[0], cpus[1]
+        else:
+            self.server = self.client = None
+        self.available = cpus
+
+    def describe(self):
+        if self.pinned:
+            return f"server on core {self.server}, load generator and harness on core {self.client} (taskset)"
+        why = "no taskset" if not self.taskset else "fewer than 2 cores" if len(self.available) < 2 else "--no-pin"
+        return f"not pinned ({why})"
+
+    def server_prefix(self):
+        return [self.taskset, "-c", str(self.server)] if self.pinned else []
+
+    def client_prefix(self):
+        return [self.taskset, "-c", str(self.client)] if self.pinned else []
+
+    def pin_self(self):
+        if self.pinned:
+            os.sched_setaffinity(0, {self.client})
+
+
+# -- /proc ---------------------------------------------------------------------
+
+
+def cpu_seconds(pid):
+    """User + system CPU seconds the process has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is field 3 (state): utime is field 14, stime 15.
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def rss_bytes(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def free_port(host="127.0.0.1"):
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+# -- processes -----------------------------------------------------------------
+
+
+class Server:
+    """A server process on 127.0.0.1:port."""
+
+    name = "server"
+
+    def __init__(self, cores, host="127.0.0.1", port=None):
+        self.cores = cores
+        self.host = host
+        self.port = port or free_port(host)
+        self.process = None
+        self.log_path = None
+        self._log = None
+
+    @property
+    def url(self):
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def pid(self):
+        return self.process.pid
+
+    def command(self):
+        raise NotImplementedError
+
+    def start(self, timeout=30.0):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+        fd, self.log_path = tempfile.mkstemp(prefix=f"bench-{self.name}-", suffix=".log")
+        self._log = os.fdopen(fd, "wb")
+        self.process = subprocess.Popen(self.cores.server_prefix() + self.command(), stdout=self._log,
+                                        stderr=subprocess.STDOUT, env=env, cwd=tempfile.gettempdir())
+        self._wait_ready(timeout)
+        return self
+
+    def _wait_ready(self, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(self.url + self.ready_path, timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} at {self.url} not ready after {timeout}s:\n{self.log()}")
+
+    ready_path = "/"
+
+    def log(self):
+        if not self.log_path:
+            return ""
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")[-4000:]
+
+    def cpu_seconds(self):
+        return cpu_seconds(self.pid)
+
+    def rss_bytes(self):
+        return rss_bytes(self.pid)
+
+    def stop(self, timeout=10.0):
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._log:
+            self._log.close()
+            self._log = None
+        if self.log_path and os.path.exists(self.log_path):
+            os.unlink(self.log_path)
+            self.log_path = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class Node(Server):
+    """``twistd --nodaemon metacenter`` from this tree (the tree's plugin and
+    package, whatever is installed), optionally under cProfile."""
+
+    name = "node"
+    ready_path = "/livez"
+
+    def __init__(self, cores, *args, profile_to=None, **kwargs):
+        super().__init__(cores, **kwargs)
+        self.args = list(args)
+        self.profile_to = profile_to
+
+    def command(self):
+        listen = f"tcp:{self.port}:interface={self.host}"
+        args = ["--nodaemon", "--pidfile=", "metacenter", "--listen", listen, *self.args]
+        if self.profile_to:
+            return [sys.executable, "-m", "bench.profiled", self.profile_to, *args]
+        return [TWISTD, *args]
+
+    def call(self, method, path, body=None, timeout=10.0):
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                status, payload = r.status, r.read()
+        except urllib.error.HTTPError as e:
+            status, payload = e.code, e.read()
+        try:
+            return status, json.loads(payload)
+        except ValueError:
+            return status, payload
+
+    def status(self):
+        code, body = self.call("GET", "/v1/node/status")
+        return body.get("data") if code == 200 and isinstance(body, dict) else None
+
+
+class Ceiling(Server):
+    name = "ceiling"
+
+    def command(self):
+        return [sys.executable, "-m", "bench.ceiling", "--host", self.host, "--port", str(self.port)]
