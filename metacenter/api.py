@@ -11,6 +11,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from metacenter import envelope, logs, validation
 from metacenter.http import PlainResponse, Raw, app, endpoint, log, read_json_object, respond
+from metacenter.cache_api import CacheRoutes
 from metacenter.replica_api import ReplicaRoutes
 from metacenter.routing import RoutingResource
 from metacenter.node import EVENT_ADD, EVENT_DELETE, EVENT_PROMPT_DELETE, ORIGIN_CLIENT
@@ -103,7 +104,7 @@ class OperationsRoutes:
         return self._openapi
 
 
-class MetacenterAPI(LoadRoutes, OperationsRoutes, ReplicaRoutes):
+class MetacenterAPI(LoadRoutes, OperationsRoutes, ReplicaRoutes, CacheRoutes):
     app = app
 
     def __init__(self, node, metrics):

@@ -11,7 +11,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from metacenter import __version__
 
@@ -53,6 +53,46 @@ class LoadCollector:
             g = GaugeMetricFamily(name, help_text)
             g.add_metric([], value)
             yield g
+
+
+class CacheCollector:
+    """KV-cache index series, read from the index when scraped."""
+
+    def __init__(self, index):
+        self._index = index
+
+    def collect(self):
+        index = self._index
+        blocks = GaugeMetricFamily("metacenter_cache_blocks", "Stored (engine, block) pairs per cluster.",
+                                   labels=["cluster"])
+        for name, count in index.blocks_by_cluster().items():
+            blocks.add_metric([name], count)
+        yield blocks
+        distinct = GaugeMetricFamily("metacenter_cache_distinct_blocks",
+                                     "Distinct prompt blocks held by any engine, per cluster.", labels=["cluster"])
+        for name, count in index.distinct_blocks_by_cluster().items():
+            distinct.add_metric([name], count)
+        yield distinct
+        engines = GaugeMetricFamily("metacenter_cache_engines", "Engines with cached blocks, per cluster.",
+                                    labels=["cluster"])
+        for name, count in index.engines_by_cluster().items():
+            engines.add_metric([name], count)
+        yield engines
+        evictions = CounterMetricFamily("metacenter_cache_evictions", "Blocks evicted, by reason.", labels=["reason"])
+        for reason, count in index.evictions.items():
+            evictions.add_metric([reason], count)
+        yield evictions
+        queries = index.queries
+        yield CounterMetricFamily("metacenter_cache_queries", "Cache queries answered.", value=queries)
+        yield CounterMetricFamily("metacenter_cache_queries_with_location",
+                                  "Cache queries that found at least one engine.", value=index.queries_with_location)
+        yield GaugeMetricFamily("metacenter_cache_hit_ratio", "Queries with any location / all queries.",
+                                value=index.queries_with_location / queries if queries else 0.0)
+        yield GaugeMetricFamily("metacenter_cache_matched_fraction_mean",
+                                "Mean over queries of the best match length / prompt blocks.",
+                                value=index.matched_fraction_sum / queries if queries else 0.0)
+        yield GaugeMetricFamily("metacenter_cache_memory_bytes", "Estimated memory held by the index.",
+                                value=index.approx_bytes())
 
 
 class Metrics:

@@ -1,6 +1,7 @@
 """Periodic expiry: drives ``LoadState.expire`` in chunks on the reactor, so a
 sweep over a million requests never stalls the gateways being served."""
 
+from itertools import chain
 from time import perf_counter
 
 from twisted.internet import task
@@ -11,8 +12,9 @@ log = logger("metacenter.sweeper")
 
 
 class Sweeper:
-    def __init__(self, state, metrics, reactor, chunk=5000):
+    def __init__(self, state, metrics, reactor, chunk=5000, cache=None):
         self._state = state
+        self._cache = cache
         self._metrics = metrics
         self._chunk = chunk
         # Each chunk runs in its own reactor turn.
@@ -30,7 +32,10 @@ class Sweeper:
         try:
             before = dict(self._state.stats)
             started = perf_counter()
-            cooperative = self._cooperator.cooperate(self._state.expire(self._chunk))
+            steps = self._state.expire(self._chunk)
+            if self._cache is not None:
+                steps = chain(steps, self._cache.expire(self._chunk))
+            cooperative = self._cooperator.cooperate(steps)
         except Exception:
             log.failure("expiry sweep failed to start")
             return None

@@ -5,52 +5,10 @@ import json
 
 import pytest
 import pytest_twisted
-from treq.testing import StubTreq
-from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
+from harness import Harness
 from metacenter import logs
-from metacenter.api import MetacenterAPI
-from metacenter.metrics import Metrics
-from metacenter.node import Node
-from metacenter.state import LoadState
-
-
-class Harness:
-    def __init__(self, request_expire=660.0, through_klein=False):
-        self.clock = Clock()
-        self.clock.advance(1_700_000_000)
-        self.state = LoadState(self.clock, request_expire=request_expire)
-        self.metrics = Metrics(self.state)
-        self.node = Node(self.state, self.clock, self.metrics)
-        self.api = MetacenterAPI(self.node, self.metrics)
-        # The node serves through RoutingResource (Klein's table, dispatched
-        # directly); the same tests run through Klein's own resource to prove
-        # the two behave identically.
-        self.treq = StubTreq(self.api.app.resource() if through_klein else self.api.resource())
-        self.events = []
-        self.node.event_listeners.append(lambda *event: self.events.append(event))
-
-    @pytest_twisted.inlineCallbacks
-    def call(self, method, path, body=None, raw=None, headers=None):
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        response = yield self.treq.request(method, "http://node" + path, data=data, headers=headers or {})
-        content = yield response.content()
-        return response, content
-
-    def call_json(self, method, path, body=None, raw=None, headers=None):
-        d = self.call(method, path, body, raw, headers)
-        d.addCallback(lambda rc: (rc[0], json.loads(rc[1])))
-        return d
-
-    def snapshot(self):
-        """Everything a rejected request must leave untouched."""
-        return (
-            {name: self.state.cluster_load(name) for name in self.state.clusters},
-            self.state.request_count,
-            self.state.tombstone_count,
-            len(self.events),
-        )
 
 
 @pytest.fixture(params=["routed", "klein"])
