@@ -12,6 +12,8 @@ EVENT_ADD = "load.stats.set"
 EVENT_DELETE = "load.stats.delete"
 EVENT_PROMPT_DELETE = "load.prompt.delete"
 LOAD_EVENT_TYPES = (EVENT_ADD, EVENT_DELETE, EVENT_PROMPT_DELETE)
+# Ours only: reference nodes neither send nor accept it.
+EVENT_CACHE_SAVE = "cache.save"
 
 ORIGIN_CLIENT = "client"
 ORIGIN_PEER = "peer"
@@ -20,6 +22,9 @@ ORIGIN_PEER = "peer"
 def event_body(event_type, event):
     """The JSON object a replicated event carries (the original request, with
     its timestamp), as the reference sends it."""
+    if event_type == EVENT_CACHE_SAVE:
+        cluster, hashes, ip = event
+        return {"cluster": cluster, "prompt_hash": hashes, "ip": ip}
     if event_type == EVENT_ADD:
         return {"cluster": event.cluster, "request_id": event.request_id, "ip": event.ip,
                 "prompt_length": event.prompt_length, "timestamp": event.timestamp}
@@ -69,6 +74,18 @@ class Node:
         if origin == ORIGIN_CLIENT:
             for listener in self.event_listeners:
                 listener(event_type, event, trace_id)
+        return changed
+
+    def save_cache(self, event, trace_id=None, origin=ORIGIN_CLIENT):
+        """Engine ``ip`` now holds the KV cache of ``prompt_hash``'s prefixes;
+        ``event`` is (cluster, hashes, ip) from ``cache.parse_cache_save``.
+        Replicated like load events (saves are idempotent)."""
+        cluster, hashes, ip = event
+        changed = self.cache.save(cluster, ip, hashes) > 0
+        self.metrics.observe_event(EVENT_CACHE_SAVE, origin, changed)
+        if origin == ORIGIN_CLIENT:
+            for listener in self.event_listeners:
+                listener(EVENT_CACHE_SAVE, event, trace_id)
         return changed
 
     def merge_record(self, request_id, cluster, ip, prompt_length, prompt_deleted, created_s):
