@@ -31,7 +31,7 @@ import sys
 from collections import OrderedDict, deque
 
 from metacenter.envelope import invalid
-from metacenter.validation import int_field, ip_field, json_type, required_string
+from metacenter.validation import canonical_ip, int_field, ip_field, json_type, required_string
 
 HASH_MAX = 2**64 - 1
 PROMPT_HASH_MAX_ITEMS = 100_000
@@ -495,7 +495,7 @@ def _ip_list(obj, name):
         if not isinstance(item, str):
             raise invalid(f"field '{name}' item {index} must be an IP address string, got {json_type(item)}")
         try:
-            ips.append(str(ipaddress.ip_address(item)))
+            ips.append(canonical_ip(item))
         except ValueError:
             raise invalid(f"field '{name}' item {index} must be an IPv4 or IPv6 address, got {item!r}") from None
     return ips

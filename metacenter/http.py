@@ -84,7 +84,13 @@ def _write(api, request, trace_id, url, method, started, result):
         body = envelope.error_body(result, trace_id)
     else:
         status = 200
-        body = envelope.ok_body_raw(result, trace_id) if isinstance(result, Raw) else envelope.ok_body(result, trace_id)
+        try:
+            body = envelope.ok_body_raw(result, trace_id) if isinstance(result, Raw) else \
+                envelope.ok_body(result, trace_id)
+        except Exception as e:  # a value JSON cannot carry: our bug, still in the envelope
+            error = _as_error(e, request, url)
+            status = error.status
+            body = envelope.error_body(error, trace_id)
     request.setResponseCode(status)
     api.metrics.observe_http(url, method, status, perf_counter() - started)
     return body

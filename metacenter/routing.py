@@ -9,9 +9,14 @@ Klein would call, so behaviour is identical. Everything else (unknown paths,
 wrong methods, any route with URL variables) goes through Klein.
 """
 
+from urllib.parse import unquote_to_bytes
+
 from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
+
+from metacenter import envelope
+from metacenter.http import respond
 
 
 def static_routes(klein_app):
@@ -46,6 +51,12 @@ class RoutingResource(Resource):
                     result.addCallback(_finish, request)
                     return NOT_DONE_YET
                 return result
+        try:
+            unquote_to_bytes(request.path).decode("utf-8")
+        except UnicodeDecodeError:
+            # Klein would answer this with its own HTML page.
+            return respond(self._api, request, "unmatched",
+                           envelope.not_found("no route for a path that is not UTF-8 once percent-decoded"))
         return self._klein.render(request)
 
 

@@ -61,12 +61,20 @@ def required_string(obj, name):
     return value
 
 
+def canonical_ip(text):
+    """An IPv4 or IPv6 address in canonical form, so two spellings of one
+    engine are one engine; ValueError otherwise. IPv6 zones (fe80::1%eth0)
+    are refused: they only mean something on one host."""
+    if "%" in text:
+        raise ValueError(text)
+    return str(ipaddress.ip_address(text))
+
+
 def ip_field(obj, name="ip"):
     value = required_string(obj, name)
     try:
-        # Canonical form, so "10.0.0.1" and "::ffff:..." spellings of one
-        # engine are not two engines; IPv6 is accepted (the reference: v4 only).
-        return str(ipaddress.ip_address(value))
+        # The reference takes IPv4 only; IPv6 is an improvement.
+        return canonical_ip(value)
     except ValueError:
         raise invalid(f"field '{name}' must be an IPv4 or IPv6 address, got {value!r}") from None
 
