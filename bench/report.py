@@ -20,7 +20,7 @@ def _pair_row(name, what, pair):
     node, ceiling = pair["node"], pair.get("ceiling")
     lat = node["latency_us"]
     return (f"| {name} | {what} | {_num(node['rate'])} | {_num(ceiling['rate']) if ceiling else '-'} | "
-            f"{_num(pair.get('ratio'), '{:.2f}')} | {_num(pair.get('cpu_ratio'), '{:.2f}')} | "
+            f"{_num(pair.get('cpu_ratio'), '{:.2f}')} | {_num(pair.get('ratio'), '{:.2f}')} | "
             f"{_num(node['server_cpu_us_per_request'], '{:.0f}')} | "
             f"{_ms(lat.get('p50'))} | {_ms(lat.get('p90'))} | {_ms(lat.get('p99'))} |")
 
@@ -39,7 +39,7 @@ ROWS = (
 def table(results):
     sections = results.get("sections", {})
     lines = [
-        "| run | requests | node req/s | ceiling req/s | ratio (req/s) | ratio (CPU) | node CPU µs/req "
+        "| run | requests | node req/s | ceiling req/s | ratio (CPU) | ratio (req/s) | node CPU µs/req "
         "| p50 ms | p90 ms | p99 ms |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -57,10 +57,17 @@ def table(results):
     g = sections.get("halfrate")
     if g and not g.get("skipped"):
         lat = g["latency_us"]
+        sent, lag = g.get("service_latency_us", {}), g.get("send_lag_us", {})
         extra.append(f"- Gateway mix paced at half the maximum rate ({g['target_rate']:,.0f} req/s, "
-                     f"achieved {g['rate']:,.0f}): p50 {_ms(lat['p50'])} ms, p90 {_ms(lat['p90'])} ms, "
-                     f"p99 {_ms(lat['p99'])} ms, p99.9 {_ms(lat['p999'])} ms, max {_ms(lat['max'])} ms "
-                     f"(from when each request was due; node CPU {g['server_cpu_util']:.0%}).")
+                     f"achieved {g['rate']:,.0f}; node core {g['server_cpu_util']:.0%} busy): from when each "
+                     f"request was due p50 {_ms(lat['p50'])} ms, p90 {_ms(lat['p90'])} ms, "
+                     f"p99 {_ms(lat['p99'])} ms, p99.9 {_ms(lat['p999'])} ms, max {_ms(lat['max'])} ms; "
+                     f"from when it was sent p50 {_ms(sent.get('p50'))} ms, p99 {_ms(sent.get('p99'))} ms "
+                     f"(the load generator's own lateness: p50 {_ms(lag.get('p50'))} ms, "
+                     f"p99 {_ms(lag.get('p99'))} ms)."
+                     + (f" The ceiling on the same schedule: p50 {_ms(g['ceiling']['latency_us']['p50'])} ms, "
+                        f"p99 {_ms(g['ceiling']['latency_us']['p99'])} ms from when due."
+                        if g.get("ceiling") else ""))
     c = sections.get("cache")
     if c and not c.get("skipped") and c.get("query_latency"):
         lat = c["query_latency"]["latency_us"]

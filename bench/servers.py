@@ -30,7 +30,8 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 class Cores:
     """Which core the server gets and which the load generator gets."""
 
-    def __init__(self, pin=True):
+    def __init__(self, pin=True, nice=0):
+        self.nice = nice  # raise the servers' and load generator's priority by this much (root)
         cpus = sorted(os.sched_getaffinity(0))
         self.taskset = shutil.which("taskset")
         self.pinned = bool(pin and self.taskset and len(cpus) >= 2)
@@ -41,10 +42,30 @@ class Cores:
         self.available = cpus
 
     def describe(self):
+        priority = f", priority raised by {self.nice} (nice -{self.nice})" if self.nice else ""
         if self.pinned:
-            return f"server on core {self.server}, load generator and harness on core {self.client} (taskset)"
+            return (f"server on core {self.server}, load generator and harness on core {self.client} "
+                    f"(taskset){priority}")
         why = "no taskset" if not self.taskset else "fewer than 2 cores" if len(self.available) < 2 else "--no-pin"
-        return f"not pinned ({why})"
+        return f"not pinned ({why}){priority}"
+
+    def prioritise(self, pid=0):
+        """Raise a process's priority by ``nice``. With scheduler autogroups
+        (one per session) nice only ranks processes within their group, so
+        the group's nice is raised too: the servers and wrk are started in
+        sessions of their own for that (``new_session``)."""
+        if not self.nice:
+            return
+        os.setpriority(os.PRIO_PROCESS, pid, -self.nice)
+        try:
+            with open(f"/proc/{pid or 'self'}/autogroup", "w") as f:
+                f.write(str(-self.nice))
+        except OSError:
+            pass  # no autogroups (or not allowed): plain nice it is
+
+    @property
+    def new_session(self):
+        return bool(self.nice)
 
     def server_prefix(self):
         return [self.taskset, "-c", str(self.server)] if self.pinned else []
@@ -55,6 +76,7 @@ class Cores:
     def pin_self(self):
         if self.pinned:
             os.sched_setaffinity(0, {self.client})
+        self.prioritise()
 
 
 # -- /proc ---------------------------------------------------------------------
@@ -83,6 +105,17 @@ def free_port(host="127.0.0.1"):
 
 
 # -- processes -----------------------------------------------------------------
+
+
+def _die_with_parent():
+    """preexec_fn: SIGTERM this child when the harness dies, even by SIGKILL
+    (the servers live in sessions of their own, nothing else would stop them)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 class Server:
@@ -115,7 +148,9 @@ class Server:
         fd, self.log_path = tempfile.mkstemp(prefix=f"bench-{self.name}-", suffix=".log")
         self._log = os.fdopen(fd, "wb")
         self.process = subprocess.Popen(self.cores.server_prefix() + self.command(), stdout=self._log,
-                                        stderr=subprocess.STDOUT, env=env, cwd=tempfile.gettempdir())
+                                        stderr=subprocess.STDOUT, env=env, cwd=tempfile.gettempdir(),
+                                        start_new_session=self.cores.new_session, preexec_fn=_die_with_parent)
+        self.cores.prioritise(self.process.pid)
         self._wait_ready(timeout)
         return self
 

@@ -42,20 +42,31 @@ def version(path):
     if not path:
         return None
     out = subprocess.run([path, "--version"], capture_output=True, text=True)
-    return (out.stdout + out.stderr).splitlines()[0].strip() if (out.stdout + out.stderr) else None
+    text = (out.stdout + out.stderr).strip()
+    return text.splitlines()[0].split(" [")[0].strip() if text else None
 
 
-def run(wrk_path, url, mode, args, connections, seconds, prefix=(), timeout_s=5):
+def run(wrk_path, url, mode, args, connections, seconds, cores=None, timeout_s=5):
     """One wrk run; returns the script's summary plus rate and wrk's own CPU
     seconds. ``args``: the script arguments after MODE."""
+    prefix = cores.client_prefix() if cores else []
     cmd = [*prefix, wrk_path, "-t", str(connections), "-c", str(connections), "-d", f"{int(seconds)}s",
            "--timeout", f"{timeout_s}s", "-s", SCRIPT, url, "--", mode, *map(str, args)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=bool(cores and cores.new_session))
+    if cores:
+        cores.prioritise(proc.pid)
+    try:
+        stdout, stderr = proc.communicate(timeout=seconds + 60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCHJSON ")), None)
+    line = next((ln for ln in stdout.splitlines() if ln.startswith("BENCHJSON ")), None)
     if proc.returncode != 0 or line is None:
-        raise RuntimeError(f"wrk failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {' '.join(cmd)}\n{stdout}\n{stderr}")
     out = json.loads(line[len("BENCHJSON "):])
     out["seconds"] = out.pop("duration_us") / 1e6
     out["rate"] = out["requests"] / out["seconds"] if out["seconds"] else 0.0
