@@ -11,12 +11,18 @@ from twisted.python import usage
 
 from metacenter import config as config_module
 from metacenter import logs
+from metacenter.antientropy import AntiEntropy
 from metacenter.api import MetacenterAPI
-from metacenter.metrics import Metrics
+from metacenter.auth import PeerAuthenticator
+from metacenter.discovery import PeerDiscovery
+from metacenter.cache import CacheIndex
+from metacenter.metrics import CacheCollector, Metrics
 from metacenter.node import Node
+from metacenter.replication import PeerClient, Replicator, make_http_client
 from metacenter.site import MetacenterSite
 from metacenter.state import LoadState
 from metacenter.sweeper import Sweeper
+from metacenter.warmstart import WarmStart
 
 
 class Options(usage.Options):
@@ -59,6 +65,32 @@ for _setting in config_module.SETTINGS:
         setattr(Options, "opt_" + _setting.name.replace("-", "_"), _add_repeatable(_setting))
 
 
+def _add_cluster_services(top, cfg, node, api, metrics, reactor):
+    """Peers (discovery), their authentication, replication to them, the warm
+    start from them and anti-entropy with them."""
+    authenticator = PeerAuthenticator(cfg.cluster_secret)
+    if authenticator.enabled:
+        api.peer_auth = authenticator
+    else:
+        logs.logger("metacenter.tap").warn(
+            "no cluster secret (--cluster-secret or METACENTER_CLUSTER_SECRET): replication and snapshot "
+            "requests between nodes are not authenticated")
+    discovery = PeerDiscovery.from_config(cfg, clock=reactor, registry=metrics.registry)
+    http_client, pool = make_http_client(reactor, cfg.replica_dial_timeout, cfg.replica_max_idle_conns,
+                                         cfg.replica_idle_conn_timeout, cfg.replica_keepalive_period)
+    client = PeerClient(http_client, reactor, authenticator, cfg.replica_request_timeout, pool)
+    replicator = Replicator(node, client, reactor, batch_size=cfg.replica_batch_size,
+                            batch_interval=cfg.replica_batch_interval, queue_size=cfg.replica_queue_size,
+                            max_batch_bytes=cfg.max_body, probe_interval=cfg.replica_probe_interval)
+    discovery.add_listener(replicator.peers_changed)
+    replicator.setServiceParent(top)
+    discovery.setServiceParent(top)
+    warm_start = WarmStart(node, client, discovery, reactor, timeout=cfg.warm_start_timeout)
+    warm_start.setServiceParent(top)
+    AntiEntropy(node, client, lambda: discovery.peers, reactor, interval=cfg.anti_entropy_interval,
+                max_body=cfg.max_body, start_after=warm_start.when_done()).setServiceParent(top)
+
+
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
@@ -68,14 +100,21 @@ def makeService(options, reactor=None):
     state = LoadState(reactor, request_expire=cfg.request_expire, tombstone_ttl=cfg.tombstone_ttl)
     metrics = Metrics(state)
     node = Node(state, reactor, metrics, advertise=",".join(cfg.advertise))
+    node.cache = CacheIndex(reactor, engine_blocks=cfg.cache_engine_blocks, ttl=cfg.cache_ttl,
+                            max_blocks=cfg.cache_max_blocks)
+    # An engine that left the load table took its KV cache with it.
+    state.engine_removed_callbacks.append(node.cache.engine_removed)
+    metrics.registry.register(CacheCollector(node.cache))
     api = MetacenterAPI(node, metrics)
 
     top = MultiService()
     site = MetacenterSite(api.resource(), max_body=cfg.max_body, access_log=cfg.access_log, reactor=reactor)
     strports.service(cfg.listen, site, reactor=reactor).setServiceParent(top)
 
-    sweeper = Sweeper(state, metrics, reactor)
+    sweeper = Sweeper(state, metrics, reactor, cache=node.cache)
     TimerService(cfg.gc_interval, sweeper.sweep).setServiceParent(top)
+
+    _add_cluster_services(top, cfg, node, api, metrics, reactor)
 
     # Everything built so far lives as long as the process: move it out of the
     # cyclic collector's way, so full collections only walk what is new.

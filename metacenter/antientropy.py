@@ -1,0 +1,383 @@
+"""Anti-entropy: every interval, a node compares the digests of its clusters
+(live request count and XOR of request fingerprints, kept by the state in O(1)
+per mutation) with every peer, and repairs the clusters that differ, both ways:
+
+1. GET  /v1/replica/digest    -> the peer's {cluster: [live, digest]}
+2. POST /v1/replica/records   -> the peer streams its live requests of the
+   differing clusters; this node reconciles each one (below)
+3. POST /v1/replica/repair    -> this node sends its live requests the peer did
+   not list and the deletes the peer missed; the peer reconciles them the same
+   way and answers with the deletes *this* node missed.
+
+Every action is one of the state's order-insensitive merges, so a repair that
+races with replication (the usual case under load: digests of busy clusters
+always differ by the events in flight) is harmless.
+
+Tombstones versus repair. A node can tell "the peer has a request I never
+heard of" from "the peer has a request I deleted" only while it still holds
+the delete's tombstone (``tombstone_ttl``, 60 s by default). A request is
+therefore adopted from a peer only if it was born within the *repair horizon*
+(``HORIZON_FRACTION`` of the tombstone TTL, leaving the rest as margin for
+clock skew between nodes): any delete of such a request is younger than the
+request, so it is still remembered here if it ever arrived. An older request
+that only the peer knows is left alone: it may have been deleted while its
+tombstone is gone, and a deleted request is never resurrected. Such
+"unresolved" requests are counted; they end with their real delete or expiry.
+Differences younger than the horizon (dropped batches, a short partition, a
+paused node) are repaired exactly; size ``tombstone_ttl`` above the longest
+partition that must heal exactly. A node that was down re-joins by warm start
+(a full snapshot), not by repair.
+"""
+
+import json
+from collections import Counter as Tally
+from time import perf_counter
+
+from prometheus_client import Counter, Gauge, Histogram
+from twisted.application.service import Service
+from twisted.internet import defer, task
+
+from metacenter import envelope
+from metacenter.discovery import format_peer
+from metacenter.logs import logger
+from metacenter.snapshot import decode_line, parse_record, record_entry
+from metacenter.state import TOMB_DELETED, TOMB_PROMPT
+
+log = logger("metacenter.antientropy")
+
+DIGEST_PATH = "/v1/replica/digest"
+RECORDS_PATH = "/v1/replica/records"
+REPAIR_PATH = "/v1/replica/repair"
+
+HORIZON_FRACTION = 0.75
+SCAN_CHUNK = 2000  # local requests looked at per reactor turn
+FAILURE_LOG_INTERVAL = 60.0
+BULK_TIMEOUT = 30.0  # seconds for streaming records and sending repairs
+
+# What reconciling one of a peer's live requests did here, and what the peer
+# should do.
+SAME = "same"
+ADOPTED = "adopted"  # added here (we had never seen it, or only its prompt delete)
+MERGED = "merged"  # its prompt delete applied here
+PEER_DELETE = "peer_delete"  # deleted here: the peer must delete it
+PEER_PROMPT = "peer_prompt"  # prompt deleted here: the peer must drop its prompt
+UNRESOLVED = "unresolved"  # unknown here and older than the horizon: left alone
+
+
+def repair_horizon(tombstone_ttl):
+    return tombstone_ttl * HORIZON_FRACTION
+
+
+def reconcile(node, record, now):
+    """Merge one of a peer's live requests into ``node``; returns the outcome."""
+    request_id, _, _, _, prompt_deleted, created_s = record
+    here = node.state.request_state(request_id)
+    if here is None:
+        if created_s is not None and created_s > now - repair_horizon(node.state.tombstone_ttl):
+            node.merge_record(*record)
+            return ADOPTED
+        return UNRESOLVED
+    if here == "deleted":
+        return PEER_DELETE
+    if here == "prompt-tombstone":
+        node.merge_record(*record)
+        return ADOPTED
+    if here == "live":
+        if prompt_deleted:
+            node.merge_record(*record)
+            return MERGED
+        return SAME
+    return SAME if prompt_deleted else PEER_PROMPT  # live, prompt deleted here
+
+
+def digests(state):
+    return {name: [c.live, format(c.digest, "016x")] for name, c in state.clusters.items()}
+
+
+def differing_clusters(local, remote):
+    empty = [0, "0" * 16]
+    return sorted(name for name in set(local) | set(remote)
+                  if local.get(name, empty) != remote.get(name, empty))
+
+
+class ExchangeFailed(Exception):
+    pass
+
+
+class AntiEntropyMetrics:
+    def __init__(self, registry):
+        r = registry
+        self.exchanges = Counter("metacenter_antientropy_exchanges",
+                                 "Digest comparisons with a peer, by result (in_sync, repaired, failed).",
+                                 ["peer", "result"], registry=r)
+        self.repairs = Counter(
+            "metacenter_antientropy_repairs",
+            "Repairs by anti-entropy: adopted/deleted/prompt_deleted here, or sent to the peer "
+            "(sent_requests, sent_deletes, sent_prompt_deletes).", ["kind"], registry=r)
+        self.unresolved = Gauge(
+            "metacenter_antientropy_unresolved_requests",
+            "Requests older than the repair horizon that only one side knows, in the last exchange with a peer.",
+            ["peer"], registry=r)
+        self.duration = Histogram("metacenter_antientropy_exchange_duration_seconds",
+                                  "Wall time of one exchange with a peer, repairs included.", ["peer"],
+                                  buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30), registry=r)
+
+    def forget(self, peer_name):
+        for metric, labels in ((self.unresolved, (peer_name,)), (self.duration, (peer_name,))):
+            try:
+                metric.remove(*labels)
+            except KeyError:
+                pass
+        for result in ("in_sync", "repaired", "failed"):
+            try:
+                self.exchanges.remove(peer_name, result)
+            except KeyError:
+                pass
+
+
+class AntiEntropy(Service):
+    """Runs ``round`` every ``interval`` once ``start_after`` (the warm start)
+    has fired; ``peers`` returns the current peers."""
+
+    name = "anti-entropy"
+
+    def __init__(self, node, client, peers, clock, interval=10.0, max_body=65536, start_after=None,
+                 registry=None):
+        self.node = node
+        self.client = client
+        self._peers = peers
+        self.clock = clock
+        self.interval = interval
+        self.max_body = max_body
+        self._start_after = start_after
+        self.metrics = AntiEntropyMetrics(registry if registry is not None else node.metrics.registry)
+        self._loop = None
+        self._known = set()
+        self._failure_logged = {}  # peer -> (reason, when)
+        self._cooperator = task.Cooperator(scheduler=lambda work: clock.callLater(0, work),
+                                           terminationPredicateFactory=_one_step)
+        self.last = {}  # peer name -> outcome of the last exchange, for tests and the log
+
+    def startService(self):
+        super().startService()
+        ready = self._start_after if self._start_after is not None else defer.succeed(None)
+        ready.addBoth(self._start_loop)
+
+    def _start_loop(self, _):
+        if not self.running:
+            return
+        self._loop = task.LoopingCall(self.round)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=False).addErrback(
+            lambda f: log.failure("anti-entropy loop stopped", f))
+
+    def stopService(self):
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._cooperator.stop()
+        return super().stopService()
+
+    @defer.inlineCallbacks
+    def round(self):
+        """One exchange with every peer, one after the other; never fails."""
+        peers = sorted(self._peers())
+        names = {format_peer(p) for p in peers}
+        for gone in self._known - names:
+            self.metrics.forget(gone)
+            self.last.pop(gone, None)
+        self._known = names
+        for peer in peers:
+            if not self.running:
+                return
+            try:
+                yield self.exchange(peer)
+            except Exception:
+                log.failure("anti-entropy exchange with {peer} failed unexpectedly", peer=format_peer(peer))
+
+    @defer.inlineCallbacks
+    def exchange(self, peer):
+        """Compare and repair with one peer; returns a dict of what happened
+        (also in ``last``). Errors are logged and counted, not raised."""
+        name = format_peer(peer)
+        started = perf_counter()
+        try:
+            outcome = yield self._exchange(peer)
+        except Exception as e:
+            reason = str(e) if isinstance(e, ExchangeFailed) else f"{type(e).__name__}: {e}"
+            if isinstance(e, (defer.TimeoutError, defer.CancelledError)):
+                reason = "timed out"
+            self.metrics.exchanges.labels(name, "failed").inc()
+            self._log_failure(name, reason)
+            outcome = {"result": "failed", "reason": reason}
+        else:
+            self.metrics.exchanges.labels(name, outcome["result"]).inc()
+            self.metrics.unresolved.labels(name).set(outcome.get(UNRESOLVED, 0))
+            self._failure_logged.pop(name, None)
+            if outcome["result"] == "repaired" and outcome.get("changed"):
+                # Routine under load (events in flight look like differences):
+                # the repairs counter is the signal, this is for debugging.
+                log.debug("anti-entropy with {peer}: {clusters} clusters differed; {summary}", peer=name,
+                         clusters=len(outcome["clusters"]), summary=_summary(outcome))
+        self.metrics.duration.labels(name).observe(perf_counter() - started)
+        self.last[name] = outcome
+        return outcome
+
+    def _log_failure(self, name, reason):
+        now = self.clock.seconds()
+        previous = self._failure_logged.get(name)
+        if previous is None or previous[0] != reason or now - previous[1] >= FAILURE_LOG_INTERVAL:
+            self._failure_logged[name] = (reason, now)
+            log.warn("anti-entropy with {peer} failed: {reason}", peer=name, reason=reason)
+
+    @defer.inlineCallbacks
+    def _exchange(self, peer):
+        node = self.node
+        # A peer must answer within twice the request timeout (a dead or
+        # paused one costs no more than that); the bulk may take longer.
+        answer_timeout = 2 * self.client.request_timeout
+        timeout = max(BULK_TIMEOUT, self.interval)
+        status, content = yield self.client.request("GET", peer, DIGEST_PATH, timeout=answer_timeout)
+        if status != 200:
+            raise ExchangeFailed(f"digest: HTTP {status}{_reason(content)}")
+        try:
+            remote = json.loads(content)["data"]["clusters"]
+            remote = {str(k): list(v) for k, v in remote.items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ExchangeFailed("digest: not a digest answer") from None
+        clusters = differing_clusters(digests(node.state), remote)
+        if not clusters:
+            return {"result": "in_sync", "clusters": []}
+
+        tally = Tally()
+        to_peer_tombstones = []
+        listed = set()
+        stream = {"complete": False}
+
+        def on_line(raw):
+            entry = decode_line(raw)
+            if isinstance(entry, dict):
+                stream["complete"] = stream["complete"] or entry.get("end") is True
+                return
+            try:
+                record = parse_record(entry)
+            except envelope.ApiError:
+                tally["invalid"] += 1
+                return
+            listed.add(record[0])
+            outcome = reconcile(node, record, node.clock.seconds())
+            tally[outcome] += 1
+            if outcome == PEER_DELETE:
+                to_peer_tombstones.append([record[0], TOMB_DELETED])
+            elif outcome == PEER_PROMPT:
+                to_peer_tombstones.append([record[0], TOMB_PROMPT])
+
+        body = json.dumps({"clusters": clusters}).encode("utf-8")
+        status, content = yield self.client.stream("POST", peer, RECORDS_PATH, body, on_line, timeout=timeout,
+                                                   answer_timeout=answer_timeout)
+        if status != 200:
+            raise ExchangeFailed(f"records: HTTP {status}{_reason(content)}")
+        if not stream["complete"]:
+            raise ExchangeFailed("records: the stream ended early")
+
+        unlisted = yield self._unlisted_records(set(clusters), listed)
+        for body in self._repair_bodies(unlisted, to_peer_tombstones):
+            status, content = yield self.client.request("POST", peer, REPAIR_PATH, body, timeout=timeout)
+            if status != 200:
+                raise ExchangeFailed(f"repair: HTTP {status}{_reason(content)}")
+            try:
+                answer = json.loads(content)["data"]
+                deletes, prompt_deletes = answer["deleted"], answer["prompt_deleted"]
+            except (ValueError, KeyError, TypeError):
+                raise ExchangeFailed("repair: not a repair answer") from None
+            for request_id in deletes:
+                if isinstance(request_id, str) and request_id:
+                    node.merge_tombstone(request_id, TOMB_DELETED)
+            for request_id in prompt_deletes:
+                if isinstance(request_id, str) and request_id:
+                    node.merge_tombstone(request_id, TOMB_PROMPT)
+            tally["deleted"] += len(deletes)
+            tally["prompt_deleted"] += len(prompt_deletes)
+            tally["peer_adopted"] += answer.get("adopted", 0) if isinstance(answer.get("adopted"), int) else 0
+            tally["peer_unresolved"] += answer.get("unresolved", 0) if isinstance(
+                answer.get("unresolved"), int) else 0
+
+        sent_deletes = sum(1 for _, kind in to_peer_tombstones if kind == TOMB_DELETED)
+        for kind, count in (("adopted", tally[ADOPTED]), ("prompt_deleted", tally[MERGED] + tally["prompt_deleted"]),
+                            ("deleted", tally["deleted"]), ("sent_requests", len(unlisted)),
+                            ("sent_deletes", sent_deletes),
+                            ("sent_prompt_deletes", len(to_peer_tombstones) - sent_deletes)):
+            if count:
+                self.metrics.repairs.labels(kind).inc(count)
+        outcome = {
+            "result": "repaired", "clusters": clusters,
+            ADOPTED: tally[ADOPTED], "prompt_deleted": tally[MERGED] + tally["prompt_deleted"],
+            "deleted": tally["deleted"], "sent_requests": len(unlisted), "sent_deletes": sent_deletes,
+            "sent_prompt_deletes": len(to_peer_tombstones) - sent_deletes, "peer_adopted": tally["peer_adopted"],
+            UNRESOLVED: tally[UNRESOLVED] + tally["peer_unresolved"], "invalid": tally["invalid"],
+        }
+        outcome["changed"] = any(outcome[k] for k in (ADOPTED, "prompt_deleted", "deleted", "peer_adopted",
+                                                       "sent_deletes", "sent_prompt_deletes"))
+        return outcome
+
+    def _unlisted_records(self, clusters, listed):
+        """This node's live requests of ``clusters`` the peer did not list,
+        found a chunk per reactor turn."""
+        found = []
+
+        def scan():
+            looked = 0
+            for record in self.node.state.iter_requests():
+                if record[1] in clusters and record[0] not in listed:
+                    found.append(record)
+                looked += 1
+                if looked % SCAN_CHUNK == 0:
+                    yield None
+
+        d = self._cooperator.cooperate(scan()).whenDone()
+        return d.addCallback(lambda _: found)
+
+    def _repair_bodies(self, records, tombstones):
+        """Repair requests no bigger than the peer's body limit."""
+        budget = self.max_body - 64
+        parts = {"records": [], "tombstones": []}
+        size = 0
+        entries = [("records", json.dumps(record_entry(r)[1:], ensure_ascii=False)) for r in records]
+        entries += [("tombstones", json.dumps(t, ensure_ascii=False)) for t in tombstones]
+        for key, text in entries:
+            length = len(text.encode("utf-8")) + 1
+            if size and size + length > budget:
+                yield _repair_body(parts)
+                parts = {"records": [], "tombstones": []}
+                size = 0
+            parts[key].append(text)
+            size += length
+        if size:
+            yield _repair_body(parts)
+
+
+def _repair_body(parts):
+    return ('{"records":[' + ",".join(parts["records"]) + '],"tombstones":[' + ",".join(parts["tombstones"])
+            + "]}").encode("utf-8")
+
+
+def _reason(content):
+    try:
+        return ": " + json.loads(content)["error"]["reason"]
+    except (ValueError, KeyError, TypeError):
+        return ""
+
+
+def _summary(outcome):
+    return ", ".join(f"{key} {outcome[key]}" for key in (
+        ADOPTED, "prompt_deleted", "deleted", "peer_adopted", "sent_deletes", "sent_prompt_deletes", UNRESOLVED)
+        if outcome.get(key))
+
+
+def _one_step():
+    calls = [0]
+
+    def predicate():
+        calls[0] += 1
+        return calls[0] > 1
+
+    return predicate
