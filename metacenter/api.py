@@ -45,15 +45,31 @@ class LoadRoutes:
         name = validation.cluster_query(request.args)
         cluster = self.node.state.clusters.get(name)
         if cluster is None:
-            self._load_bodies.pop(name, None)
             return Raw(b"[]")
-        cached = self._load_bodies.get(name)
+        return self._load_body(cluster)
+
+    def _load_body(self, cluster):
+        """The cluster's serialised engine list, rebuilt only after a change,
+        and then only the fragments of the engines that changed (the gateway
+        mix changes one engine between two reads of a cluster)."""
+        cached = self._load_bodies.get(cluster.name)
         if cached is not None and cached[0] == cluster.version:
             return cached[1]
-        body = Raw(envelope.dumps([e.as_dict() for e in cluster.engines.values()]))
-        if len(self._load_bodies) > 2 * len(self.node.state.clusters) + 64:
-            self._load_bodies.clear()  # forget bodies of clusters that expired
-        self._load_bodies[name] = (cluster.version, body)
+        fragments = self._engine_fragments
+        parts = []
+        for engine in cluster.engines.values():
+            fragment = fragments.get(engine.engine_id)
+            if fragment is None or fragment[0] != engine.version:
+                fragment = fragments[engine.engine_id] = (engine.version, envelope.dumps(engine.as_dict()))
+            parts.append(fragment[1])
+        body = Raw(b"[" + b",".join(parts) + b"]")
+        state = self.node.state
+        # Forget what belonged to expired clusters and engines.
+        if len(self._load_bodies) > 2 * len(state.clusters) + 64:
+            self._load_bodies.clear()
+        if len(fragments) > 2 * state.engine_count + 256:
+            fragments.clear()
+        self._load_bodies[cluster.name] = (cluster.version, body)
         return body
 
     @endpoint("/v1/load/overview", ["GET"])
@@ -110,7 +126,8 @@ class MetacenterAPI(LoadRoutes, OperationsRoutes, ReplicaRoutes, CacheRoutes):
     def __init__(self, node, metrics):
         self.node = node
         self.metrics = metrics
-        self._load_bodies = {}  # cluster -> (version, serialised engines)
+        self._load_bodies = {}  # cluster name -> (Cluster.version, serialised engine list)
+        self._engine_fragments = {}  # engine id -> (Engine.version, serialised engine)
         self._openapi = None
 
     def resource(self):

@@ -5,7 +5,7 @@
 """
 
 import json
-import uuid
+from random import getrandbits
 
 JSON_CONTENT_TYPE = b"application/json; charset=utf-8"
 
@@ -71,8 +71,15 @@ def internal():
     return ApiError(500, CODE_INTERNAL, "Internal error", "an unexpected error occurred; see the node's log")
 
 
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+
+
 def new_trace_id():
-    return str(uuid.uuid4())
+    """A random UUID4 string. Trace ids need to be unique, not secret, so the
+    fast PRNG will do (uuid.uuid4() reads os.urandom: 3x the cost per request)."""
+    h = "%032x" % ((getrandbits(128) & _UUID4_CLEAR) | _UUID4_SET)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def ok_body(data, trace_id):

@@ -20,6 +20,11 @@ collector nothing. Every request has the same time to live and is inserted in
 (nearly) created order, so expiry walks the dict from its oldest end and stops
 at the first request that is still young; the few inserted out of order
 (snapshots, clock steps) go to a small heap of stragglers.
+
+Pauses: CPython grows (and compacts) a dict by copying all of it within one
+insertion, tens of milliseconds at a million entries. Requests and tombstones
+are therefore split by hash into a few dicts (``ShardedDict``), each copied on
+its own; expiry walks every shard from its oldest end.
 """
 
 import heapq
@@ -37,8 +42,48 @@ _LOW32 = 0xFFFFFFFF
 TOMB_PROMPT = 1  # prompt delete seen, add not yet
 TOMB_DELETED = 2  # delete seen (or the request expired)
 
+# A power of two: requests and tombstones are split in this many dicts.
+SHARDS = 16
+_SHARD_MASK = SHARDS - 1
+
 # Entries one expiry step looks at: a few milliseconds of reactor time.
 EXPIRE_CHUNK = 2000
+
+
+class ShardedDict:
+    """The part of the dict interface the table uses, over ``SHARDS`` dicts
+    chosen by key hash. Each shard keeps insertion order."""
+
+    __slots__ = ("shards",)
+
+    def __init__(self):
+        self.shards = tuple({} for _ in range(SHARDS))
+
+    def get(self, key, default=None):
+        return self.shards[hash(key) & _SHARD_MASK].get(key, default)
+
+    def pop(self, key, default=None):
+        return self.shards[hash(key) & _SHARD_MASK].pop(key, default)
+
+    def __contains__(self, key):
+        return key in self.shards[hash(key) & _SHARD_MASK]
+
+    def __setitem__(self, key, value):
+        self.shards[hash(key) & _SHARD_MASK][key] = value
+
+    def __delitem__(self, key):
+        del self.shards[hash(key) & _SHARD_MASK][key]
+
+    def __len__(self):
+        return sum(map(len, self.shards))
+
+    def __iter__(self):
+        for shard in self.shards:
+            yield from shard
+
+    def items(self):
+        for shard in self.shards:
+            yield from shard.items()
 
 
 def _pack(created_s, engine_id, prompt_length, prompt_deleted):
@@ -77,7 +122,7 @@ def request_fingerprint(request_id, prompt_deleted):
 class Engine:
     """Counters of one inference engine (cluster, ip)."""
 
-    __slots__ = ("engine_id", "cluster", "ip", "queued", "prompt", "updated_ns")
+    __slots__ = ("engine_id", "cluster", "ip", "queued", "prompt", "updated_ns", "version")
 
     def __init__(self, engine_id, cluster, ip, updated_ns):
         self.engine_id = engine_id
@@ -86,6 +131,9 @@ class Engine:
         self.queued = 0
         self.prompt = 0
         self.updated_ns = updated_ns
+        # The state's sequence number at this engine's last change (like
+        # Cluster.version), so readers can cache what they derive from it.
+        self.version = 0
 
     def as_dict(self):
         return {
@@ -129,8 +177,8 @@ class LoadState:
         self._clock = clock
         self.request_expire = request_expire
         self.tombstone_ttl = tombstone_ttl
-        self._requests = {}  # request_id -> packed int
-        self._tombstones = {}  # request_id -> (created_s << 2) | kind
+        self._requests = ShardedDict()  # request_id -> packed int
+        self._tombstones = ShardedDict()  # request_id -> (created_s << 2) | kind
         self._stragglers = []  # heap of (created_s, request_id) inserted out of order
         self._newest_created = 0
         self.clusters = {}  # name -> Cluster
@@ -193,14 +241,14 @@ class LoadState:
             engine.updated_ns = now_ns
             self._engines.move_to_end(engine.engine_id)
         self._sequence += 1
-        cluster.version = self._sequence
+        cluster.version = engine.version = self._sequence
         return engine, cluster
 
     def _touch(self, engine, now_ns):
         engine.updated_ns = now_ns
         self._engines.move_to_end(engine.engine_id)
         self._sequence += 1
-        self.clusters[engine.cluster].version = self._sequence
+        self.clusters[engine.cluster].version = engine.version = self._sequence
 
     # -- mutations -----------------------------------------------------------
 
@@ -284,7 +332,7 @@ class LoadState:
             # Expiry is not a sign of life: an engine whose requests only
             # expire goes in the same sweep.
             self._sequence += 1
-            cluster.version = self._sequence
+            cluster.version = engine.version = self._sequence
         else:
             self._touch(engine, now_ns)
         cluster.live -= 1
@@ -388,10 +436,11 @@ class LoadState:
         tomb_limit = now - self.tombstone_ttl
         while True:
             due = []
-            for request_id, tomb in self._tombstones.items():
-                if (tomb >> 2) > tomb_limit or len(due) >= chunk:
-                    break
-                due.append(request_id)
+            for shard in self._tombstones.shards:
+                for request_id, tomb in shard.items():
+                    if (tomb >> 2) > tomb_limit or len(due) >= chunk:
+                        break
+                    due.append(request_id)
             if not due:
                 break
             for request_id in due:
@@ -415,14 +464,15 @@ class LoadState:
 
     def _due_requests(self, request_limit, chunk):
         """Up to ``chunk`` (request_id, packed) born at or before the limit,
-        from the oldest end of the table and from the stragglers' heap; None
+        from the oldest end of each shard and from the stragglers' heap; None
         when there are none left. Stale heap entries count towards ``chunk`` so
         that a step stays bounded."""
         due = []
-        for request_id, packed in self._requests.items():
-            if _created(packed) > request_limit or len(due) >= chunk:
-                break
-            due.append((request_id, packed))
+        for shard in self._requests.shards:
+            for request_id, packed in shard.items():
+                if _created(packed) > request_limit or len(due) >= chunk:
+                    break
+                due.append((request_id, packed))
         looked = len(due)
         stragglers = self._stragglers
         while stragglers and stragglers[0][0] <= request_limit and looked < chunk:

@@ -61,13 +61,24 @@ def required_string(obj, name):
     return value
 
 
+_canonical_ips = {}  # text -> canonical form; engines are few, parsing is not cheap
+_CANONICAL_IPS_MAX = 65536
+
+
 def canonical_ip(text):
     """An IPv4 or IPv6 address in canonical form, so two spellings of one
     engine are one engine; ValueError otherwise. IPv6 zones (fe80::1%eth0)
     are refused: they only mean something on one host."""
+    canonical = _canonical_ips.get(text)
+    if canonical is not None:
+        return canonical
     if "%" in text:
         raise ValueError(text)
-    return str(ipaddress.ip_address(text))
+    canonical = str(ipaddress.ip_address(text))
+    if len(_canonical_ips) >= _CANONICAL_IPS_MAX:
+        _canonical_ips.clear()
+    _canonical_ips[text] = canonical
+    return canonical
 
 
 def ip_field(obj, name="ip"):
