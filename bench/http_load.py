@@ -113,11 +113,16 @@ def run_closed(host, port, streams, duration=None, total=None, drain_timeout=10.
     limit = total if total is not None else float("inf")
 
     def send(c):
+        """Send the connection's next request; False when its stream is done."""
         nonlocal issued, in_flight
+        data = next(c[1], None)
+        if data is None:
+            return False
         c[3] = _perf()
-        c[0].sendall(next(c[1]))
+        c[0].sendall(data)
         issued += 1
         in_flight += 1
+        return True
 
     try:
         for c in conns.values():
