@@ -169,7 +169,7 @@ class Harness:
         # id sequence per connection) so that every delete of the next runs
         # finds a request, as in production.
         per_thread = list(out["add"]["rounds"]["node"][0]["per_thread"])
-        extra = [2 * n + 100 for n in per_thread]
+        extra = [n + n // 2 + 100 for n in per_thread]
         self.log(f"  adding {sum(extra):,} more requests (unmeasured) for the delete runs")
         reqs = workload.Requests(self.node.host, self.node.port)
         streams = [itertools.islice(reqs.add_stream(CLUSTER, nonce, tid, ENGINES, start=n), x)
