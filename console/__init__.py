@@ -1,0 +1,1 @@
+"""metacenter-console: a terminal console that watches metacenter nodes over HTTP."""

@@ -1,0 +1,376 @@
+"""The three data screens: clusters overview, one cluster's engines, nodes.
+
+Screens only read ``app.state`` and render it; polling and actions live in
+the app. Each screen's ``refresh_view`` is called on the UI thread whenever
+new data arrives and once a second so ages keep counting.
+"""
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.css.query import NoMatches
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Input, Static
+
+from console.format import human_age, human_bytes
+from console.nodeclient import target_label
+from console.tables import fill_table, highlighted_key
+from console.state import UP
+from console.views import (
+    STATE_STYLES,
+    agreement_text,
+    cluster_tie_break,
+    data_line,
+    engine_columns,
+    engine_rows,
+    engine_tie_break,
+    node_columns,
+    node_rows,
+    overview_columns,
+    overview_rows,
+    peer_columns,
+    sort_rows,
+)
+
+
+class DataScreen(Screen):
+    """A status line, a summary, a filter box and one sortable table."""
+
+    BINDINGS = [
+        Binding("slash", "filter", "Filter"),
+        Binding("s", "sort_next", "Sort"),
+        Binding("r", "sort_reverse", "Reverse"),
+        Binding("escape", "escape", "Leave the filter box, then clear the filter, then go back", show=False),
+    ]
+    # Keys the table widget handles itself, listed on the help screen.
+    TABLE_KEYS = (("↑ ↓ PgUp PgDn Home End", "move the highlight"), ("click a header", "sort by that column"))
+    # Keys only this screen has that are not bindings (help screen).
+    EXTRA_KEYS = ()
+    HEADING = ""
+    DEFAULT_SORT = None  # column key
+    FILTER_HINT = "filter"
+
+    def __init__(self):
+        super().__init__()
+        self.sorted_by = self.DEFAULT_SORT
+        self.descending = True
+        self.needle = ""
+        self.ready = False  # True once on_mount ran: the widgets exist
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="status")
+        yield Static(id="summary")
+        yield Input(placeholder=f"/ {self.FILTER_HINT}", id="filter", compact=True)
+        yield DataTable(id="table", cursor_type="row", zebra_stripes=True)
+        yield from self.compose_extra()
+        yield Footer()
+
+    def compose_extra(self) -> ComposeResult:
+        return ()
+
+    def on_unmount(self):
+        self.ready = False
+
+    def on_mount(self):
+        self.ready = True
+        self.query_one("#table", DataTable).focus()
+        self.refresh_view()
+
+    def on_screen_resume(self):
+        self.refresh_view()
+
+    # -- what each screen defines ------------------------------------------
+
+    def columns(self):
+        raise NotImplementedError
+
+    def rows(self, now):
+        raise NotImplementedError
+
+    def row_key(self, row):
+        raise NotImplementedError
+
+    def tie_break(self, row):
+        raise NotImplementedError
+
+    def summary(self, now, shown):
+        return Text()
+
+    # -- rendering -----------------------------------------------------------
+
+    def refresh_view(self):
+        # New data can arrive while the screen is still being built or, at
+        # exit, already taken apart (a slow poll finishing late).
+        if not self.ready or not self.is_attached:
+            return
+        try:
+            self._render_view()
+        except NoMatches:
+            return
+
+    def _render_view(self):
+        app = self.app
+        now = app.clock()
+        status = Text(f"metacenter console · {self.HEADING}", style="bold")
+        status.append("\n")
+        status.append(data_line(app.state, now, app.source.describe()))
+        self.query_one("#status", Static).update(status)
+        columns = self.columns()
+        by_key = {c.key: c for c in columns}
+        if self.sorted_by not in by_key or by_key[self.sorted_by].sort_key is None:
+            self.sorted_by = None
+        rows = self.rows(now)
+        if self.sorted_by is not None:
+            rows = sort_rows(rows, by_key[self.sorted_by], self.descending, self.tie_break)
+        else:
+            rows = sorted(rows, key=self.tie_break)
+        fill_table(self.query_one("#table", DataTable), columns, rows, self.row_key, self.sorted_by, self.descending)
+        self.query_one("#summary", Static).update(self.summary(now, len(rows)))
+        self.refresh_extra(now)
+
+    def refresh_extra(self, now):
+        pass
+
+    def filter_note(self, shown, total):
+        if not self.needle:
+            return Text()
+        return Text(f" · filter “{self.needle}”: {shown} of {total} shown", style="bold magenta")
+
+    # -- sorting and filtering -----------------------------------------------
+
+    def sort_by(self, key):
+        column = next((c for c in self.columns() if c.key == key), None)
+        if column is None or column.sort_key is None:
+            return
+        if self.sorted_by == key:
+            self.descending = not self.descending
+        else:
+            self.sorted_by = key
+            self.descending = column.sorts_descending_first
+        self.refresh_view()
+
+    def action_sort_next(self):
+        sortable = [c for c in self.columns() if c.sort_key is not None]
+        keys = [c.key for c in sortable]
+        index = (keys.index(self.sorted_by) + 1) % len(keys) if self.sorted_by in keys else 0
+        self.sorted_by = keys[index]
+        self.descending = sortable[index].sorts_descending_first
+        self.refresh_view()
+
+    def action_sort_reverse(self):
+        self.descending = not self.descending
+        self.refresh_view()
+
+    def on_data_table_header_selected(self, event: DataTable.HeaderSelected):
+        event.stop()
+        self.sort_by(event.column_key.value)
+
+    def action_filter(self):
+        self.query_one("#filter", Input).focus()
+
+    def on_input_changed(self, event: Input.Changed):
+        if event.input.id == "filter":
+            self.needle = event.value.strip()
+            self.refresh_view()
+
+    def on_input_submitted(self, event: Input.Submitted):
+        self.query_one("#table", DataTable).focus()
+
+    def action_escape(self):
+        filter_box = self.query_one("#filter", Input)
+        if filter_box.has_focus:
+            self.query_one("#table", DataTable).focus()
+        elif self.needle:
+            filter_box.value = ""
+        else:
+            self.leave()
+
+    def leave(self):
+        pass
+
+
+class OverviewScreen(DataScreen):
+    HEADING = "Clusters"
+    DEFAULT_SORT = "in_flight"
+    FILTER_HINT = "filter clusters by name"
+    EXTRA_KEYS = (("Enter", "open the highlighted cluster"),)
+
+    def columns(self):
+        snapshot, _ = self.app.state.view_snapshot()
+        with_cache = snapshot is not None and snapshot.cache is not None
+        return overview_columns(with_cache=with_cache, with_trend=True)
+
+    def rows(self, now):
+        snapshot, _ = self.app.state.view_snapshot()
+        return overview_rows(snapshot, self.app.state.history, now, needle=self.needle)
+
+    def row_key(self, row):
+        return row.cluster.name
+
+    def tie_break(self, row):
+        return cluster_tie_break(row)
+
+    def summary(self, now, shown):
+        snapshot, _ = self.app.state.view_snapshot()
+        clusters = () if snapshot is None or snapshot.overview is None else snapshot.overview.clusters
+        engines = sum(len(c.engines) for c in clusters)
+        in_flight = sum(c.in_flight for c in clusters)
+        prompt = sum(c.prompt_bytes for c in clusters)
+        text = Text(f"{len(clusters)} clusters · {engines} engines · {in_flight} requests in flight · "
+                    f"{human_bytes(prompt)} in prefill")
+        text.append(self.filter_note(shown, len(clusters)))
+        return text
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected):
+        event.stop()
+        self.app.push_screen(ClusterScreen(event.row_key.value))
+
+
+class ClusterScreen(DataScreen):
+    BINDINGS = [Binding("backspace", "back", "Back")]
+    DEFAULT_SORT = "queued"
+    FILTER_HINT = "filter engines by address"
+
+    def __init__(self, cluster_name):
+        super().__init__()
+        self.cluster_name = cluster_name
+        self.HEADING = f"Cluster {cluster_name}"
+
+    def cluster(self):
+        snapshot, _ = self.app.state.view_snapshot()
+        if snapshot is None or snapshot.overview is None:
+            return snapshot, None
+        return snapshot, snapshot.overview.cluster(self.cluster_name)
+
+    def columns(self):
+        return engine_columns(with_trend=True)
+
+    def rows(self, now):
+        snapshot, cluster = self.cluster()
+        if cluster is None:
+            return []
+        return engine_rows(snapshot, cluster, self.app.state.history, now, needle=self.needle)
+
+    def row_key(self, row):
+        return row.engine.ip
+
+    def tie_break(self, row):
+        return engine_tie_break(row)
+
+    def summary(self, now, shown):
+        snapshot, cluster = self.cluster()
+        if cluster is None:
+            where = "" if snapshot is None else f" on {target_label(snapshot.target)}"
+            return Text(f"Cluster {self.cluster_name} has no engines{where} (idle clusters are collected)",
+                        style="bold yellow")
+        text = Text(f"{len(cluster.engines)} engines · {cluster.in_flight} requests in flight · "
+                    f"{human_bytes(cluster.prompt_bytes)} in prefill · spread {cluster.spread}")
+        if cluster.mean_queued:
+            ratio = cluster.busiest.queued / cluster.mean_queued
+            style = "bold red" if ratio >= 1.5 and cluster.spread >= 2 else "green"
+            text.append(" · busiest/mean ")
+            text.append(f"{ratio:.1f}×", style=style)
+        figures = None if snapshot.cache is None else snapshot.cache.get(cluster.name)
+        if snapshot.cache is not None:
+            text.append("\nKV cache: ")
+            if figures is None:
+                text.append("no blocks recorded", style="dim")
+            else:
+                text.append(f"{figures.blocks} blocks held by {figures.engines} engines", style="bold cyan")
+        text.append(self.filter_note(shown, len(cluster.engines)))
+        return text
+
+    def action_back(self):
+        self.leave()
+
+    def leave(self):
+        self.app.pop_screen()
+
+
+class NodesScreen(DataScreen):
+    HEADING = "Nodes"
+    DEFAULT_SORT = None  # the order given on the command line / by DNS
+    FILTER_HINT = "filter nodes by address"
+    EXTRA_KEYS = (("Enter", "take the overview's data from the highlighted node (again: from any node)"),)
+
+    def compose_extra(self) -> ComposeResult:
+        yield Static(id="problems")
+        yield Static(id="agreement")
+        yield Static(id="peers-title")
+        yield DataTable(id="peers", cursor_type="none", zebra_stripes=True)
+        yield Static(id="actions")
+
+    def columns(self):
+        return node_columns()
+
+    def rows(self, now):
+        rows = node_rows(self.app.state, now)
+        if self.needle:
+            rows = [r for r in rows if self.needle.casefold() in r.target.casefold()]
+        return rows
+
+    def row_key(self, row):
+        return row.target
+
+    def tie_break(self, row):
+        return self.app.state.targets.index(row.target)
+
+    def summary(self, now, shown):
+        state = self.app.state
+        text = Text(f"{len(state.targets)} nodes · {state.reachable_count()} answering")
+        if state.pinned:
+            text.append(f" · overview pinned to {target_label(state.pinned)}", style="magenta")
+        text.append(self.filter_note(shown, len(state.targets)))
+        return text
+
+    def highlighted_target(self):
+        return highlighted_key(self.query_one("#table", DataTable))
+
+    def refresh_extra(self, now):
+        state = self.app.state
+        problems = Text()
+        for target in state.targets:
+            health = state.health(target, now)
+            if health.state != UP:
+                if problems:
+                    problems.append("\n")
+                problems.append(f"{target_label(target)} {health.state}: ", style=STATE_STYLES[health.state])
+                problems.append(health.detail)
+        self.query_one("#problems", Static).update(problems)
+        self.query_one("#agreement", Static).update(agreement_text(state.agreement(), state.disagree_since, now))
+        self.refresh_peers()
+        lines = Text()
+        for when, line in state.actions:
+            if lines:
+                lines.append("\n")
+            lines.append(f"{human_age(now - when)} ago: {line}", style="dim")
+        self.query_one("#actions", Static).update(lines)
+
+    def refresh_peers(self):
+        target = self.highlighted_target()
+        snapshot = self.app.state.last_good.get(target) if target else None
+        title = self.query_one("#peers-title", Static)
+        table = self.query_one("#peers", DataTable)
+        if snapshot is None or snapshot.status is None:
+            title.update(Text(f"Peers of {target_label(target) if target else '—'}: no status", style="dim"))
+            fill_table(table, peer_columns(), [], lambda p: p.peer)
+            return
+        peers = snapshot.status.peers
+        title.update(Text(f"Peers seen by {target_label(target)}: {len(peers)}", style="bold"))
+        fill_table(table, peer_columns(), sorted(peers, key=lambda p: p.peer), lambda p: p.peer)
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted):
+        if event.data_table.id == "table":
+            self.refresh_peers()
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected):
+        event.stop()
+        state = self.app.state
+        target = event.row_key.value
+        state.pinned = None if state.pinned == target else target
+        shown = state.view_target()
+        self.notify(f"Overview shows data from {target_label(shown) if shown else 'no node'}")
+        self.app.rerender()
+
+    def log_level_target(self):
+        return self.highlighted_target()

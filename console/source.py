@@ -1,0 +1,66 @@
+"""The console's only way to the nodes: poll one node into a ``NodeSnapshot``,
+list the nodes, change a log level. The app takes any object with these
+methods, which is how tests feed it fixed data."""
+
+import time
+
+from console.model import BadResponse, NodeSnapshot, NodeStatus, Overview, parse_cache_stats
+from console.nodeclient import NodeApiError, NodeClient, NodeUnreachable
+
+LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARN", "ERROR", "FATAL")
+
+
+class HttpSource:
+    def __init__(self, targets, timeout=2.0, clock=time.time):
+        self.targets = targets  # FixedTargets or DnsTargets
+        self.timeout = timeout
+        self.clock = clock
+
+    def describe(self):
+        return self.targets.describe()
+
+    def discover(self):
+        """Node URLs; raises ``DiscoveryError`` when DNS fails."""
+        return self.targets.resolve()
+
+    def fetch(self, target):
+        """Never raises: whatever goes wrong ends up in the snapshot."""
+        client = NodeClient(target, self.timeout)
+        started = time.monotonic()
+        # One deadline for the whole poll, so a slow node is reported within
+        # ``timeout`` however many calls the poll makes.
+        deadline = started + self.timeout
+        try:
+            fields = self._read(client, deadline)
+        except (NodeUnreachable, NodeApiError, BadResponse) as exc:
+            fields = {"error": str(exc)}
+        return NodeSnapshot(
+            target=target, fetched_at=self.clock(), latency=time.monotonic() - started, **fields
+        )
+
+    def _read(self, client, deadline):
+        overview = Overview.parse(client.get("/v1/load/overview", deadline))
+        fields = {"overview": overview}
+        notes = []
+
+        status_code, envelope = client.request("GET", "/readyz", deadline=deadline)
+        fields["ready"] = status_code == 200
+
+        try:
+            fields["status"] = NodeStatus.parse(client.get("/v1/node/status", deadline))
+        except (NodeApiError, BadResponse) as exc:
+            fields["status_error"] = str(exc)
+
+        try:
+            fields["cache"] = parse_cache_stats(client.get("/v1/cache/stats", deadline))
+        except NodeApiError as exc:
+            if exc.http_status != 404:  # 404: this node has no KV-cache index
+                notes.append(f"cache stats: {exc}")
+        except BadResponse as exc:
+            notes.append(f"cache stats: {exc}")
+        fields["notes"] = tuple(notes)
+        return fields
+
+    def set_log_level(self, target, level):
+        """Returns the node's answer text; raises on failure."""
+        return NodeClient(target, self.timeout).set_log_level(level)
