@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -681,6 +682,8 @@ def main(argv=None):
         failures = harness.run(selected)
     finally:
         harness.stop()
+        if not opts.profile:  # the profile stays for python -m pstats
+            shutil.rmtree(harness.tmp, ignore_errors=True)
     sections = harness.sections
     # --only keeps the other sections of the previous result file.
     previous = {}
