@@ -458,6 +458,9 @@ def _best_first(item):
 # -- request bodies ----------------------------------------------------------
 
 
+_JUST_INT = {int}
+
+
 def hash_list(obj, name="prompt_hash", allow_empty=True):
     """A JSON array of unsigned 64-bit integers (the full range, as JSON
     numbers); floats, strings, booleans, negatives and values >= 2^64 are 400s
@@ -472,7 +475,7 @@ def hash_list(obj, name="prompt_hash", allow_empty=True):
     if len(value) > PROMPT_HASH_MAX_ITEMS:
         raise invalid(f"field '{name}' has {len(value)} items; at most {PROMPT_HASH_MAX_ITEMS} are allowed")
     # Fast path for the common, valid case; the slow one finds the culprit.
-    if all(type(item) is int for item in value) and (not value or (min(value) >= 0 and max(value) <= HASH_MAX)):
+    if not value or (set(map(type, value)) == _JUST_INT and min(value) >= 0 and max(value) <= HASH_MAX):
         return value
     for index, item in enumerate(value):
         if type(item) is not int or not 0 <= item <= HASH_MAX:
