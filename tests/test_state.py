@@ -368,18 +368,23 @@ def test_straggler_inserted_behind_newer_requests_still_expires_on_time():
     state, clock = new_state()
     state.add("c", "new", "10.0.0.1", 1)
     clock.advance(300)
-    state.add("c", "newer", "10.0.0.1", 1)
-    # A snapshot record older than everything in the table, inserted last.
-    state.apply_record("straggler", "c", "10.0.0.2", 7, False, T0 - 200)
+    # Enough of them that a younger request stands in front of every straggler.
+    newer = {f"newer-{i}" for i in range(200)}
+    for request_id in newer:
+        state.add("c", request_id, "10.0.0.1", 1)
+    # Snapshot records older than the newest in the table, inserted last.
+    stragglers = {f"straggler-{i}" for i in range(50)}
+    for request_id in stragglers:
+        state.apply_record(request_id, "c", "10.0.0.2", 7, False, T0 - 200)
     state.apply_record("straggler2", "c", "10.0.0.2", 7, True, T0 + 100)
-    clock.advance(EXPIRE - 500)  # straggler is 660 s old, the others younger
+    clock.advance(EXPIRE - 500)  # the stragglers are 660 s old, the others younger
     state.expire_all()
-    assert {r[0] for r in state.iter_requests()} == {"new", "newer", "straggler2"}
-    assert state.request_state("straggler") == "deleted"
+    assert {r[0] for r in state.iter_requests()} == {"new", "straggler2"} | newer
+    assert {state.request_state(r) for r in stragglers} == {"deleted"}
     assert counters(state)[("c", "10.0.0.2")] == (1, 0)
     clock.advance(300)  # new is 760 s old, straggler2 660 s, newer 460 s
     state.expire_all()
-    assert {r[0] for r in state.iter_requests()} == {"newer"}
+    assert {r[0] for r in state.iter_requests()} == newer
 
 
 def test_a_snapshot_record_older_than_the_expiry_goes_at_the_next_sweep():
