@@ -370,8 +370,9 @@ class LoadState:
 
     def iter_requests(self):
         """Yield (request_id, cluster, ip, prompt_length, prompt_deleted, created_s)
-        for every live request. Callers chunk it; the dict must not change size
-        while a chunk is being read, so take them with itertools.islice."""
+        for every live request. The ids are copied first, so the state may
+        change between items (callers chunk it over reactor turns); one deleted
+        meanwhile is skipped."""
         engines = self._engines
         requests = self._requests
         for request_id in list(requests):
@@ -384,9 +385,14 @@ class LoadState:
                        _prompt_deleted(packed), _created(packed))
 
     def iter_tombstones(self):
-        """Yield (request_id, kind, created_s) for every tombstone."""
-        for request_id, tomb in list(self._tombstones.items()):
-            yield request_id, tomb & 3, tomb >> 2
+        """Yield (request_id, kind, created_s) for every tombstone; like
+        iter_requests, safe across changes. (Copying the keys, not the items:
+        a million item tuples would each be tracked by the GC.)"""
+        tombstones = self._tombstones
+        for request_id in list(tombstones):
+            tomb = tombstones.get(request_id)
+            if tomb is not None:
+                yield request_id, tomb & 3, tomb >> 2
 
     def apply_record(self, request_id, cluster, ip, prompt_length, prompt_deleted, created_s):
         """Merge one live request from a peer's snapshot: the same as the events

@@ -480,6 +480,24 @@ def test_tombstone_kinds_round_trip():
     assert {(r, k) for r, k, _ in state.iter_tombstones()} == {("d", TOMB_DELETED), ("p", TOMB_PROMPT)}
 
 
+def test_snapshot_iterators_tolerate_changes_between_items():
+    state, _ = new_state()
+    for i in range(40):
+        state.add("c", f"r{i}", "10.0.0.1", 1)
+        state.delete(f"d{i}")
+    records = state.iter_requests()
+    next(records)
+    for i in range(40):
+        state.delete(f"r{i}")  # all the others go while the snapshot is read
+    assert list(records) == []
+    seen = []
+    for request_id, _, _ in state.iter_tombstones():
+        seen.append(request_id)
+        state.delete_prompt(f"new-{request_id}")  # new tombstones while reading
+    assert sorted(seen) == sorted([f"d{i}" for i in range(40)] + [f"r{i}" for i in range(40)])
+    assert state.tombstone_count == 160
+
+
 # -- properties -------------------------------------------------------------------
 
 ENGINES = [(c, ip) for c in ("c1", "c2") for ip in ("10.0.0.1", "10.0.0.2", "10.0.0.3")]
@@ -590,6 +608,7 @@ def test_a_chunked_sweep_equals_a_full_sweep(operations, chunk, sweep_after):
                 state.delete_prompt(request_id)
             else:
                 state.delete(request_id)
+            assert all(q >= 0 and p >= 0 for q, p in counters(state).values())
         clock.advance(sweep_after)
         return state
 
@@ -600,5 +619,7 @@ def test_a_chunked_sweep_equals_a_full_sweep(operations, chunk, sweep_after):
     assert all(n <= chunk for n in steps)
     assert replica_view(chunked) == replica_view(full)
     assert chunked.stats == full.stats
+    assert all(q >= 0 and p >= 0 for q, p in counters(full).values())
+    assert sum(c.live for c in full.clusters.values()) == full.request_count
     # Nothing due is left behind.
     assert list(full.expire(chunk=chunk)) == []
