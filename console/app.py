@@ -19,13 +19,84 @@ from console.nodeclient import target_label
 from console.screens import ClusterScreen, DataScreen, NodesScreen, OverviewScreen
 from console.state import ConsoleState
 
+# Inline rather than a .tcss file: an installed console then needs no package data.
+STYLE = """
+Screen {
+    layout: vertical;
+}
+
+#status {
+    height: auto;
+    background: $panel;
+    padding: 0 1;
+}
+
+#summary {
+    height: auto;
+    padding: 0 1;
+}
+
+#filter {
+    margin: 0 1;
+    width: 1fr;
+}
+
+#table {
+    height: 1fr;
+}
+
+NodesScreen #table {
+    height: auto;
+    max-height: 50%;
+}
+
+#problems, #agreement, #peers-title, #actions {
+    height: auto;
+    padding: 0 1;
+}
+
+#problems {
+    margin-top: 1;
+}
+
+#peers {
+    height: 1fr;
+}
+
+HelpScreen, LogLevelDialog {
+    align: center middle;
+}
+
+#help-box {
+    width: 80;
+    max-height: 90%;
+    height: auto;
+    border: thick $accent;
+    background: $surface;
+    padding: 1 2;
+}
+
+#log-level-box {
+    width: 40;
+    height: auto;
+    border: thick $accent;
+    background: $surface;
+    padding: 1 2;
+}
+
+#levels {
+    height: auto;
+    margin: 1 0;
+}
+"""
+
 # DNS is asked again this often, so nodes that come and go are followed.
 DISCOVER_EVERY = 10.0
 POLL, DISCOVER, LOG_LEVEL = "poll", "discover", "log-level"
 
 
 class ConsoleApp(App):
-    CSS_PATH = "console.tcss"
+    CSS = STYLE
     TITLE = "metacenter console"
     MODES = {"overview": OverviewScreen, "nodes": NodesScreen}
     DEFAULT_MODE = "overview"

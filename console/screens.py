@@ -14,8 +14,8 @@ from textual.widgets import DataTable, Footer, Input, Static
 
 from console.format import human_age, human_bytes
 from console.nodeclient import target_label
-from console.tables import fill_table, highlighted_key
 from console.state import UP
+from console.tables import fill_table, highlighted_key
 from console.views import (
     STATE_STYLES,
     agreement_text,
@@ -329,13 +329,22 @@ class NodesScreen(DataScreen):
     def refresh_extra(self, now):
         state = self.app.state
         problems = Text()
+
+        def problem(target, label, style, detail):
+            if problems:
+                problems.append("\n")
+            problems.append(f"{target_label(target)} {label}: ", style=style)
+            problems.append(detail)
+
         for target in state.targets:
             health = state.health(target, now)
             if health.state != UP:
-                if problems:
-                    problems.append("\n")
-                problems.append(f"{target_label(target)} {health.state}: ", style=STATE_STYLES[health.state])
-                problems.append(health.detail)
+                problem(target, health.state, STATE_STYLES[health.state], health.detail)
+            latest = state.latest.get(target)
+            if latest is not None and latest.reachable:
+                # answers, but part of what it answers is not usable
+                for note in filter(None, (latest.status_error, *latest.notes)):
+                    problem(target, "partly", "bold yellow", note)
         self.query_one("#problems", Static).update(problems)
         self.query_one("#agreement", Static).update(agreement_text(state.agreement(), state.disagree_since, now))
         self.refresh_peers()

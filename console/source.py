@@ -43,13 +43,13 @@ class HttpSource:
         fields = {"overview": overview}
         notes = []
 
-        status_code, envelope = client.request("GET", "/readyz", deadline=deadline)
-        fields["ready"] = status_code == 200
+        ready_status, _ = client.request("GET", "/readyz", deadline=deadline)
+        fields["ready"] = ready_status == 200
 
         try:
             fields["status"] = NodeStatus.parse(client.get("/v1/node/status", deadline))
         except (NodeApiError, BadResponse) as exc:
-            fields["status_error"] = str(exc)
+            fields["status_error"] = f"node status: {exc}"
 
         try:
             fields["cache"] = parse_cache_stats(client.get("/v1/cache/stats", deadline))

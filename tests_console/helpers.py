@@ -29,6 +29,11 @@ def static_text(screen, selector):
     return cell_text(screen.query_one(selector, Static).content)
 
 
+def notifications(app):
+    """The texts of the notifications (toasts) on screen."""
+    return [str(toast.render()) for toast in app.screen.query("Toast")]
+
+
 async def wait_until(pilot, predicate, what, timeout=20.0):
     """Lets the app run until ``predicate()`` holds; fails after ``timeout``
     (generous: this is about correctness, not speed)."""
