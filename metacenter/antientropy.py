@@ -3,15 +3,20 @@
 per mutation) with every peer, and repairs the clusters that differ, both ways:
 
 1. GET  /v1/replica/digest    -> the peer's {cluster: [live, digest]}
-2. POST /v1/replica/records   -> the peer streams its live requests of the
-   differing clusters; this node reconciles each one (below)
-3. POST /v1/replica/repair    -> this node sends its live requests the peer did
+2. POST /v1/replica/buckets   -> for the clusters that differ, the same split
+   into ``BUCKETS`` buckets by request id; both sides scan their requests for
+   it, a chunk per reactor turn
+3. POST /v1/replica/records   -> the peer streams its live requests of the
+   differing buckets only; this node reconciles each one (below)
+4. POST /v1/replica/repair    -> this node sends its live requests the peer did
    not list and the deletes the peer missed; the peer reconciles them the same
    way and answers with the deletes *this* node missed.
 
-Every action is one of the state's order-insensitive merges, so a repair that
-races with replication (the usual case under load: digests of busy clusters
-always differ by the events in flight) is harmless.
+Under load the digests of busy clusters always differ by the few events in
+flight; the buckets keep what is exchanged to those few (and a hash per
+request to compute), instead of every live request of the cluster. Every
+action is one of the state's order-insensitive merges, so a repair that races
+with replication is harmless.
 
 Tombstones versus repair. A node can tell "the peer has a request I never
 heard of" from "the peer has a request I deleted" only while it still holds
@@ -30,6 +35,7 @@ partition that must heal exactly. A node that was down re-joins by warm start
 """
 
 import json
+import zlib
 from collections import Counter as Tally
 from time import perf_counter
 
@@ -41,16 +47,18 @@ from metacenter import envelope
 from metacenter.discovery import format_peer
 from metacenter.logs import logger
 from metacenter.snapshot import decode_line, parse_record, record_entry
-from metacenter.state import TOMB_DELETED, TOMB_PROMPT
+from metacenter.state import TOMB_DELETED, TOMB_PROMPT, request_fingerprint
 
 log = logger("metacenter.antientropy")
 
 DIGEST_PATH = "/v1/replica/digest"
+BUCKETS_PATH = "/v1/replica/buckets"
 RECORDS_PATH = "/v1/replica/records"
 REPAIR_PATH = "/v1/replica/repair"
 
 HORIZON_FRACTION = 0.75
 SCAN_CHUNK = 2000  # local requests looked at per reactor turn
+BUCKETS = 256  # a power of two
 FAILURE_LOG_INTERVAL = 60.0
 BULK_TIMEOUT = 30.0  # seconds for streaming records and sending repairs
 
@@ -92,6 +100,58 @@ def reconcile(node, record, now):
 
 def digests(state):
     return {name: [c.live, format(c.digest, "016x")] for name, c in state.clusters.items()}
+
+
+def bucket_of(request_id):
+    """The bucket of a request: the low bits of its fingerprint, which depend
+    on the id only (not on the prompt flag)."""
+    return zlib.crc32(request_id.encode("utf-8", "surrogatepass")) & (BUCKETS - 1)
+
+
+def scan_buckets(state, clusters, out):
+    """A generator for a Cooperator: fills ``out`` with {cluster: {bucket:
+    [live, digest]}} for the given clusters, ``SCAN_CHUNK`` requests a step."""
+    for cluster in clusters:
+        out[cluster] = {}
+    looked = 0
+    for request_id, cluster, _, _, prompt_deleted, _ in state.iter_requests():
+        looked += 1
+        buckets = out.get(cluster)
+        if buckets is not None:
+            fingerprint = request_fingerprint(request_id, prompt_deleted)
+            bucket = buckets.get(fingerprint & (BUCKETS - 1))
+            if bucket is None:
+                buckets[fingerprint & (BUCKETS - 1)] = [1, fingerprint]
+            else:
+                bucket[0] += 1
+                bucket[1] ^= fingerprint
+        if looked % SCAN_CHUNK == 0:
+            yield None
+
+
+def bucket_digests(state, clusters, cooperate=task.cooperate):
+    """Deferred {cluster: {bucket: [live, digest]}}, computed cooperatively."""
+    out = {}
+    return cooperate(scan_buckets(state, clusters, out)).whenDone().addCallback(lambda _: out)
+
+
+def encode_buckets(buckets):
+    """The wire form: {cluster: {"bucket": [live, "hex digest"]}}."""
+    return {cluster: {str(b): [live, format(digest, "016x")] for b, (live, digest) in found.items()}
+            for cluster, found in buckets.items()}
+
+
+def differing_buckets(local, remote):
+    """{cluster: set of buckets that differ}, both in wire form; clusters
+    whose buckets all agree (they changed between the two scans) are left out."""
+    empty = [0, "0" * 16]
+    result = {}
+    for cluster in set(local) | set(remote):
+        mine, theirs = local.get(cluster, {}), remote.get(cluster, {})
+        differing = {int(b) for b in set(mine) | set(theirs) if mine.get(b, empty) != list(theirs.get(b, empty))}
+        if differing:
+            result[cluster] = differing
+    return result
 
 
 def differing_clusters(local, remote):
@@ -248,6 +308,22 @@ class AntiEntropy(Service):
         if not clusters:
             return {"result": "in_sync", "clusters": []}
 
+        body = json.dumps({"clusters": clusters}).encode("utf-8")
+        status, content = yield self.client.request("POST", peer, BUCKETS_PATH, body, timeout=timeout)
+        if status != 200:
+            raise ExchangeFailed(f"buckets: HTTP {status}{_reason(content)}")
+        try:
+            remote_buckets = json.loads(content)["data"]
+            if not isinstance(remote_buckets, dict) or not all(isinstance(v, dict) for v in remote_buckets.values()):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            raise ExchangeFailed("buckets: not a buckets answer") from None
+        local_buckets = yield bucket_digests(node.state, clusters, self._cooperator.cooperate)
+        buckets = differing_buckets(encode_buckets(local_buckets), remote_buckets)
+        if not buckets:
+            return {"result": "in_sync", "clusters": []}  # the differences were in flight
+        clusters = sorted(buckets)
+
         tally = Tally()
         to_peer_tombstones = []
         listed = set()
@@ -271,15 +347,16 @@ class AntiEntropy(Service):
             elif outcome == PEER_PROMPT:
                 to_peer_tombstones.append([record[0], TOMB_PROMPT])
 
-        body = json.dumps({"clusters": clusters}).encode("utf-8")
-        status, content = yield self.client.stream("POST", peer, RECORDS_PATH, body, on_line, timeout=timeout,
+        body = json.dumps({"clusters": clusters, "buckets": {c: sorted(b) for c, b in buckets.items()}})
+        status, content = yield self.client.stream("POST", peer, RECORDS_PATH, body.encode("utf-8"), on_line,
+                                                   timeout=timeout,
                                                    answer_timeout=answer_timeout)
         if status != 200:
             raise ExchangeFailed(f"records: HTTP {status}{_reason(content)}")
         if not stream["complete"]:
             raise ExchangeFailed("records: the stream ended early")
 
-        unlisted = yield self._unlisted_records(set(clusters), listed)
+        unlisted = yield self._unlisted_records(buckets, listed)
         for body in self._repair_bodies(unlisted, to_peer_tombstones):
             status, content = yield self.client.request("POST", peer, REPAIR_PATH, body, timeout=timeout)
             if status != 200:
@@ -309,7 +386,7 @@ class AntiEntropy(Service):
             if count:
                 self.metrics.repairs.labels(kind).inc(count)
         outcome = {
-            "result": "repaired", "clusters": clusters,
+            "result": "repaired", "clusters": clusters, "listed": len(listed),
             ADOPTED: tally[ADOPTED], "prompt_deleted": tally[MERGED] + tally["prompt_deleted"],
             "deleted": tally["deleted"], "sent_requests": len(unlisted), "sent_deletes": sent_deletes,
             "sent_prompt_deletes": len(to_peer_tombstones) - sent_deletes, "peer_adopted": tally["peer_adopted"],
@@ -319,15 +396,16 @@ class AntiEntropy(Service):
                                                        "sent_deletes", "sent_prompt_deletes"))
         return outcome
 
-    def _unlisted_records(self, clusters, listed):
-        """This node's live requests of ``clusters`` the peer did not list,
-        found a chunk per reactor turn."""
+    def _unlisted_records(self, buckets, listed):
+        """This node's live requests in ``buckets`` ({cluster: set}) the peer
+        did not list, found a chunk per reactor turn."""
         found = []
 
         def scan():
             looked = 0
             for record in self.node.state.iter_requests():
-                if record[1] in clusters and record[0] not in listed:
+                wanted = buckets.get(record[1])
+                if wanted is not None and record[0] not in listed and bucket_of(record[0]) in wanted:
                     found.append(record)
                 looked += 1
                 if looked % SCAN_CHUNK == 0:

@@ -5,6 +5,7 @@ request, applied with ``ORIGIN_PEER`` and never forwarded again.
 - POST /v1/replica/batch    our batches: {"events": [{"type", "body", "trace_id"}]}
 - GET  /v1/replica/snapshot the whole state, streamed (warm start)
 - GET  /v1/replica/digest   per-cluster live count and digest (anti-entropy)
+- POST /v1/replica/buckets  the same per bucket of some clusters (anti-entropy)
 - POST /v1/replica/records  live requests of some clusters, streamed (anti-entropy)
 - POST /v1/replica/repair   requests and deletes a peer found we lack (anti-entropy)
 
@@ -15,7 +16,8 @@ With a cluster secret every one of them must carry a valid signature
 from time import perf_counter
 
 from metacenter import envelope, validation
-from metacenter.antientropy import PEER_DELETE, PEER_PROMPT, UNRESOLVED, ADOPTED, digests, reconcile
+from metacenter.antientropy import (ADOPTED, BUCKETS, PEER_DELETE, PEER_PROMPT, UNRESOLVED, bucket_digests,
+                                    bucket_of, digests, encode_buckets, reconcile)
 from metacenter.http import app, endpoint, method_label, respond, trace_id_of
 from metacenter.logs import logger
 from metacenter.node import EVENT_ADD, LOAD_EVENT_TYPES, ORIGIN_PEER
@@ -124,6 +126,14 @@ class ReplicaRoutes:
         self._ensure_ready()
         return {"time": int(self.node.clock.seconds() * 1e9), "clusters": digests(self.node.state)}
 
+    @endpoint("/v1/replica/buckets", ["POST"])
+    def replica_buckets(self, request, trace_id):
+        body = request.content.read()
+        self.authenticate(request, body)
+        self._ensure_ready()
+        clusters = _cluster_list(validation.parse_json_object(body))
+        return bucket_digests(self.node.state, clusters).addCallback(encode_buckets)
+
     @endpoint("/v1/replica/repair", ["POST"])
     def replica_repair(self, request, trace_id):
         """Requests a peer holds and we may lack, deletes we may have missed.
@@ -170,10 +180,20 @@ class ReplicaRoutes:
     def replica_records(self, request):
         def chunks():
             obj = validation.parse_json_object(request.content.read())
-            clusters = obj.get("clusters")
-            if not isinstance(clusters, list) or not all(isinstance(c, str) for c in clusters):
-                raise envelope.invalid("field 'clusters' must be an array of strings")
-            return state_chunks(self.node, clusters=set(clusters), tombstones=False, cache=False)
+            clusters = set(_cluster_list(obj))
+            buckets = obj.get("buckets")
+            keep = None
+            if buckets is not None:
+                if not isinstance(buckets, dict) or not all(
+                        isinstance(v, list) and all(isinstance(b, int) and 0 <= b < BUCKETS for b in v)
+                        for v in buckets.values()):
+                    raise envelope.invalid(f"field 'buckets' must map clusters to arrays of integers "
+                                           f"in [0, {BUCKETS - 1}]")
+                wanted = {cluster: set(found) for cluster, found in buckets.items()}
+
+                def keep(record):
+                    return bucket_of(record[0]) in wanted.get(record[1], ())
+            return state_chunks(self.node, clusters=clusters, tombstones=False, cache=False, keep=keep)
 
         return self._stream(request, "/v1/replica/records", chunks)
 
@@ -211,3 +231,10 @@ class ReplicaRoutes:
             return b""
 
         return done.addCallbacks(finished, failed)
+
+
+def _cluster_list(obj):
+    clusters = obj.get("clusters")
+    if not isinstance(clusters, list) or not all(isinstance(c, str) for c in clusters):
+        raise envelope.invalid("field 'clusters' must be an array of strings")
+    return clusters

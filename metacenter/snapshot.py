@@ -44,9 +44,10 @@ def _lines(entries):
     return "".join(_encode(e) + "\n" for e in entries).encode("utf-8")
 
 
-def state_chunks(node, clusters=None, tombstones=True, cache=True):
+def state_chunks(node, clusters=None, tombstones=True, cache=True, keep=None):
     """bytes chunks of a snapshot of ``node``: everything, or the live requests
-    of the given clusters only (``clusters`` a set, for anti-entropy)."""
+    of the given clusters only (``clusters`` a set, for anti-entropy), and of
+    those only the records for which ``keep(record)`` is true."""
     state = node.state
     yield _lines([{"snapshot": FORMAT, "node": node.advertise, "time": int(node.clock.seconds() * 1e9)}])
     counts = {"requests": 0, "tombstones": 0, "cache_engines": 0}
@@ -57,6 +58,8 @@ def state_chunks(node, clusters=None, tombstones=True, cache=True):
             break
         if clusters is not None:
             looked = [r for r in looked if r[1] in clusters]
+        if keep is not None:
+            looked = [r for r in looked if keep(r)]
         counts["requests"] += len(looked)
         yield _lines(record_entry(r) for r in looked)
     if tombstones:

@@ -323,6 +323,9 @@ async def test_a_paused_node_is_repaired_by_anti_entropy(cluster):
     paused = cluster.nodes[1]
     others = [cluster.nodes[0], cluster.nodes[2]]
     await cluster.run_ops(make_ops(rng, "before-pause", 200, clusters), cluster.nodes, rng, truth)
+    # What the paused node accepted but had not sent yet would be missing on
+    # the others until it resumes: let it send everything first.
+    await cluster.wait_converged(cluster.nodes, clusters, truth)
     os.kill(paused.process.pid, signal.SIGSTOP)
     try:
         # More events than the peers' queues for it hold: most are dropped.

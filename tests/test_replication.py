@@ -391,6 +391,7 @@ PEER_ROUTES = [
                                    b'"tombstones":[["r1",2]]}', {}),
     ("GET", "/v1/replica/snapshot", b"", {}),
     ("GET", "/v1/replica/digest", b"", {}),
+    ("POST", "/v1/replica/buckets", b'{"clusters":["m"]}', {}),
     ("POST", "/v1/replica/records", b'{"clusters":["m"]}', {}),
 ]
 
@@ -594,8 +595,33 @@ def test_anti_entropy_repairs_missing_requests_and_missed_deletes_both_ways():
         assert outcome["adopted"] == 1 and outcome["peer_adopted"] == 1
         assert outcome["deleted"] == 1 and outcome["sent_deletes"] == 1
         assert outcome["unresolved"] == 0
+        # Only the differing buckets were listed, not every live request.
+        assert outcome["listed"] < a.state.request_count / 10
         again = yield anti.exchange(b.peer)
         assert again["result"] == "in_sync"
+    finally:
+        yield client.close()
+        yield a.close()
+        yield b.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_anti_entropy_sees_prompt_deletes_missed_in_pairs():
+    """Two requests that differ only by their prompt flag must not hide each
+    other in the cluster digest."""
+    a, b = LocalNode(clocked()).listen(), LocalNode(clocked()).listen()
+    for node in (a, b):
+        for rid in ("p1", "p2", "p3"):
+            node.add(rid, cluster="m", prompt_length=10)
+    a.delete_prompt("p1")
+    a.delete_prompt("p2")
+    assert a.digest() != b.digest()
+    client = real_client()
+    anti = AntiEntropy(a.node, client, lambda: [b.peer], reactor, registry=CollectorRegistry())
+    try:
+        outcome = yield anti.exchange(b.peer)
+        assert outcome["sent_prompt_deletes"] == 2
+        assert b.view() == a.view() == {"m": [("10.0.0.1", 3, 10)]}
     finally:
         yield client.close()
         yield a.close()
