@@ -2,7 +2,8 @@
 request, applied with ``ORIGIN_PEER`` and never forwarded again.
 
 - POST /v1/replica/event    the reference's single event (``Event-Type`` header)
-- POST /v1/replica/batch    our batches: {"events": [{"type", "body", "trace_id"}]}
+- POST /v1/replica/batch    our batches: {"events": [{"type", "body", "trace_id"}]}, load
+                            events and KV-cache saves
 - GET  /v1/replica/snapshot the whole state, streamed (warm start)
 - GET  /v1/replica/digest   per-cluster live count and digest (anti-entropy)
 - POST /v1/replica/buckets  the same per bucket of some clusters (anti-entropy)
@@ -20,7 +21,8 @@ from metacenter.antientropy import (ADOPTED, BUCKETS, PEER_DELETE, PEER_PROMPT, 
                                     bucket_of, digests, encode_buckets, reconcile)
 from metacenter.http import app, endpoint, method_label, respond, trace_id_of
 from metacenter.logs import logger
-from metacenter.node import EVENT_ADD, LOAD_EVENT_TYPES, ORIGIN_PEER
+from metacenter.node import EVENT_ADD, EVENT_CACHE_SAVE, LOAD_EVENT_TYPES, ORIGIN_PEER
+from metacenter.cache import parse_cache_save
 from metacenter.snapshot import ChunkProducer, parse_record, parse_tombstone, state_chunks
 
 log = logger("metacenter.replica")
@@ -93,7 +95,8 @@ class ReplicaRoutes:
             raise envelope.invalid("field 'events' must be an array")
         if len(events) > MAX_BATCH_EVENTS:
             raise envelope.invalid(f"field 'events' holds more than {MAX_BATCH_EVENTS} events")
-        apply = self.node.apply
+        node = self.node
+        apply = node.apply
         applied = unchanged = 0
         rejected = []
         for index, item in enumerate(events):
@@ -101,17 +104,23 @@ class ReplicaRoutes:
                 if not isinstance(item, dict):
                     raise envelope.invalid("an event must be an object")
                 event_type = item.get("type")
-                if event_type not in LOAD_EVENT_TYPES:
+                cache_save = event_type == EVENT_CACHE_SAVE
+                if event_type not in LOAD_EVENT_TYPES and not (cache_save and node.cache is not None):
                     raise envelope.invalid("Unsupported event type")
                 payload = item.get("body")
                 if not isinstance(payload, dict):
                     raise envelope.invalid("field 'body' must be an object")
-                event = parse_event(event_type, payload)
+                event = parse_cache_save(payload) if cache_save else parse_event(event_type, payload)
             except envelope.ApiError as e:
                 rejected.append({"index": index, "reason": e.reason})
                 continue
             event_trace = item.get("trace_id")
-            if apply(event_type, event, event_trace if isinstance(event_trace, str) else trace_id, ORIGIN_PEER):
+            event_trace = event_trace if isinstance(event_trace, str) else trace_id
+            if cache_save:
+                changed = node.save_cache(event, event_trace, ORIGIN_PEER)
+            else:
+                changed = apply(event_type, event, event_trace, ORIGIN_PEER)
+            if changed:
                 applied += 1
             else:
                 unchanged += 1

@@ -37,7 +37,7 @@ from zope.interface import implementer
 
 from metacenter.discovery import format_peer
 from metacenter.logs import logger
-from metacenter.node import event_body
+from metacenter.node import LOAD_EVENT_TYPES, event_body
 
 log = logger("metacenter.replication")
 
@@ -469,6 +469,8 @@ class PeerLink:
 
     def _send_single(self, item):
         event_type, event, trace_id, enqueued = item
+        if event_type not in LOAD_EVENT_TYPES:
+            return  # a KV-cache save: the reference protocol has no such event
         token = self._track(enqueued)
         body = _encode(event_body(event_type, event)).encode("utf-8")
         headers = {"Event-Type": event_type, "TraceId": trace_id or str(uuid.uuid4())}

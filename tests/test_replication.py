@@ -332,6 +332,28 @@ def test_a_peer_that_gained_the_batch_endpoint_gets_batches_again():
     assert receiver.state.request_state("r2") == "live"
 
 
+def test_kv_cache_saves_go_to_our_peers_in_batches_and_are_not_sent_to_reference_peers():
+    from metacenter.cache import CacheIndex
+    from metacenter.node import ORIGIN_CLIENT as CLIENT
+
+    clock = clocked()
+    sender, receiver = LocalNode(clock), LocalNode(clocked())
+    for node in (sender, receiver):
+        node.node.cache = CacheIndex(node.clock)
+    stub_replicator(sender, receiver.api.resource(), batch_size=1)
+    reference = ReferenceNode()
+    _, reference_link = stub_replicator(sender, reference, peer=("10.0.0.9", 1), batch_size=1)
+    sender.node.save_cache(("m", [11, 22, 33], "10.0.0.1"), None, CLIENT)
+    sender.add("r1", cluster="m")
+    clock.advance(0.01)
+    assert receiver.node.cache.query("m", [11, 22, 33]) == sender.node.cache.query("m", [11, 22, 33])
+    assert receiver.node.cache.match_lengths("m", [11, 22, 33])
+    assert reference_link.mode == MODE_SINGLE
+    assert [h["event-type"] for path, _, h, _ in reference.received if path == "/v1/replica/event"] == [
+        "load.stats.set"]
+    assert reference_link.failed == 0 and reference_link.status()["queue_depth"] == 0
+
+
 # -- receiver ------------------------------------------------------------------
 
 
@@ -478,9 +500,15 @@ def static_discovery(*peers):
 def test_warm_start_streams_the_whole_state_and_merges_concurrent_events_once():
     from metacenter.warmstart import WarmStart
 
+    from metacenter.cache import CacheIndex
+
     source = LocalNode().listen()
     fill(source, 6000, random.Random(1))
     newcomer = LocalNode()
+    for node in (source, newcomer):
+        node.node.cache = CacheIndex(reactor)
+    for i in range(40):
+        source.node.save_cache((f"model-{i % 3}", [i * 1000 + k for k in range(50)], f"10.0.{i % 7}.1"))
     client = real_client()
     warm = WarmStart(newcomer.node, client, static_discovery(source.peer), reactor, timeout=20.0,
                      registry=CollectorRegistry())
@@ -502,6 +530,10 @@ def test_warm_start_streams_the_whole_state_and_merges_concurrent_events_once():
         assert newcomer.view() == source.view()
         assert newcomer.digest() == source.digest()
         assert newcomer.state.tombstone_count == source.state.tombstone_count
+        assert summary["merged"]["cache_engines"] == source.node.cache.engine_count
+        for i in range(0, 40, 7):
+            query = [i * 1000 + k for k in range(50)]
+            assert newcomer.node.cache.query(f"model-{i % 3}", query) == source.node.cache.query(f"model-{i % 3}", query)
         # Birth times travel with the snapshot, so expiry agrees.
         some = [r for r in source.state.iter_requests()][:50]
         for record in some:
