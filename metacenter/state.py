@@ -430,13 +430,15 @@ class LoadState:
             # Stamped with the time of this step: tombstones stay in time order
             # even when events arrived between steps.
             tomb = (int(self._now()) << 2) | TOMB_DELETED
+            tomb_shards = self._tombstones.shards
             removed = 0
-            for request_id, packed in due:
-                if self._requests.get(request_id) != packed:
+            for shard, request_id, packed in due:  # the shard dicts directly: a hot loop
+                if shard.get(request_id) != packed:
                     continue  # a straggler also met at the front, already gone
-                del self._requests[request_id]
-                self._tombstones.pop(request_id, None)
-                self._tombstones[request_id] = tomb
+                del shard[request_id]
+                tomb_shard = tomb_shards[hash(request_id) & _SHARD_MASK]
+                tomb_shard.pop(request_id, None)
+                tomb_shard[request_id] = tomb
                 self._release(request_id, packed, None)
                 removed += 1
             self.stats["expired_requests"] += removed
@@ -472,24 +474,26 @@ class LoadState:
             yield len(idle)
 
     def _due_requests(self, request_limit, chunk):
-        """Up to ``chunk`` (request_id, packed) born at or before the limit,
+        """Up to ``chunk`` (shard, request_id, packed) born at or before the limit,
         from the oldest end of each shard and from the stragglers' heap; None
         when there are none left. Stale heap entries count towards ``chunk`` so
         that a step stays bounded."""
         due = []
-        for shard in self._requests.shards:
+        shards = self._requests.shards
+        for shard in shards:
             for request_id, packed in shard.items():
                 if _created(packed) > request_limit or len(due) >= chunk:
                     break
-                due.append((request_id, packed))
+                due.append((shard, request_id, packed))
         looked = len(due)
         stragglers = self._stragglers
         while stragglers and stragglers[0][0] <= request_limit and looked < chunk:
             created, request_id = heapq.heappop(stragglers)
             looked += 1
-            packed = self._requests.get(request_id)
+            shard = shards[hash(request_id) & _SHARD_MASK]
+            packed = shard.get(request_id)
             if packed is not None and _created(packed) == created:
-                due.append((request_id, packed))
+                due.append((shard, request_id, packed))
         return due if looked else None
 
     def _remove_engine(self, engine):
