@@ -399,13 +399,13 @@ def test_a_snapshot_record_older_than_the_expiry_goes_at_the_next_sweep():
 def test_each_expire_step_does_at_most_chunk_removals():
     state, clock = new_state()
     for i in range(25):
-        state.add("c", f"r{i}", f"10.0.0.{i % 3}", 1)
+        state.add("c", f"r{i}", f"10.0.0.{i % 7}", 1)  # more engines than a chunk
         state.apply_record(f"s{i}", "c", "10.0.1.1", 1, False, T0 - 1 - i)  # stragglers
         state.delete(f"d{i}")
     clock.advance(EXPIRE + TTL + 1)
     steps = list(state.expire(chunk=4))
     assert all(0 <= n <= 4 for n in steps)
-    assert sum(steps) == 50 + 25 + 4  # requests, tombstones, engines
+    assert sum(steps) == 50 + 25 + 8  # requests, tombstones, engines
     assert state.request_count == 0 and state.engine_count == 0 and state.clusters == {}
     assert state.stats["expired_requests"] == 50
     # The 25 deletes are forgotten; the 50 expired requests are remembered as deleted.
