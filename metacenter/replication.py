@@ -278,11 +278,16 @@ class ReplicationMetrics:
             "metacenter_replication_send_duration_seconds", "Replication request round trip, retries included.",
             ["peer"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=r)
+        self.lag = Histogram(
+            "metacenter_replication_lag_seconds",
+            "Per event, from being queued for a peer to the peer's acknowledgement of having applied it.",
+            ["peer"], buckets=(0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1,
+                               0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
         self.batch_mode = Gauge("metacenter_replication_peer_batch_mode",
                                 "1 while a peer takes batches, 0 while it gets single events (a reference node).",
                                 ["peer"], registry=r)
         self._all = (self.queue_depth, self.sent, self.failed, self.dropped, self.batch_size, self.send_seconds,
-                     self.batch_mode)
+                     self.lag, self.batch_mode)
 
     def forget(self, peer_name):
         for metric in self._all:
@@ -321,6 +326,7 @@ class PeerLink:
         self._m_dropped = m.dropped.labels(self.name)
         self._m_batch_size = m.batch_size.labels(self.name)
         self._m_send_seconds = m.send_seconds.labels(self.name)
+        self._m_lag = m.lag.labels(self.name)
         self._m_mode = m.batch_mode.labels(self.name)
         self._m_mode.set(1)
         m.queue_depth.labels(self.name).set_function(lambda: len(self.queue))
@@ -430,7 +436,7 @@ class PeerLink:
         else:
             status, content = result
             if status == 200:
-                self._delivered(n, started)
+                self._delivered(items, started)
                 self._note_rejected(content)
                 if self.mode == MODE_SINGLE:
                     log.info("peer {peer} takes batches again", peer=self.name)
@@ -487,7 +493,7 @@ class PeerLink:
         else:
             status, content = result
             if status == 200:
-                self._delivered(1, started)
+                self._delivered([item], started)
             elif status == 401:
                 self._failed([item], "HTTP 401: the peer refused our signature (a different cluster secret?)")
             else:
@@ -512,11 +518,16 @@ class PeerLink:
             return status, content
         raise SendFailed(reason)
 
-    def _delivered(self, n, started):
+    def _delivered(self, items, started):
+        n = len(items)
         self.sent += n
         self._m_sent.inc(n)
         self._m_batch_size.observe(n)
         self._m_send_seconds.observe(perf_counter() - started)
+        now = self._clock.seconds()
+        observe = self._m_lag.observe
+        for item in items:
+            observe(now - item[3])
         if self.failures_in_a_row:
             log.info("replication to {peer} works again after {failures} failed requests",
                      peer=self.name, failures=self.failures_in_a_row)
