@@ -55,20 +55,16 @@ class LoadRoutes:
         cached = self._load_bodies.get(cluster.name)
         if cached is not None and cached[0] == cluster.version:
             return cached[1]
-        fragments = self._engine_fragments
         parts = []
         for engine in cluster.engines.values():
-            fragment = fragments.get(engine.engine_id)
-            if fragment is None or fragment[0] != engine.version:
-                fragment = fragments[engine.engine_id] = (engine.version, envelope.dumps(engine.as_dict()))
-            parts.append(fragment[1])
+            wire = engine.wire
+            if wire[0] != engine.version:
+                wire = engine.wire = (engine.version, envelope.dumps(engine.as_dict()))
+            parts.append(wire[1])
         body = Raw(b"[" + b",".join(parts) + b"]")
-        state = self.node.state
-        # Forget what belonged to expired clusters and engines.
-        if len(self._load_bodies) > 2 * len(state.clusters) + 64:
+        # Forget the bodies of clusters that expired.
+        if len(self._load_bodies) > 2 * len(self.node.state.clusters) + 64:
             self._load_bodies.clear()
-        if len(fragments) > 2 * state.engine_count + 256:
-            fragments.clear()
         self._load_bodies[cluster.name] = (cluster.version, body)
         return body
 
@@ -127,7 +123,6 @@ class MetacenterAPI(LoadRoutes, OperationsRoutes, ReplicaRoutes, CacheRoutes):
         self.node = node
         self.metrics = metrics
         self._load_bodies = {}  # cluster name -> (Cluster.version, serialised engine list)
-        self._engine_fragments = {}  # engine id -> (Engine.version, serialised engine)
         self._openapi = None
 
     def resource(self):

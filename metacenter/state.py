@@ -125,7 +125,7 @@ def request_fingerprint(request_id, prompt_deleted):
 class Engine:
     """Counters of one inference engine (cluster, ip)."""
 
-    __slots__ = ("engine_id", "cluster", "ip", "queued", "prompt", "updated_ns", "version")
+    __slots__ = ("engine_id", "cluster", "ip", "queued", "prompt", "updated_ns", "version", "wire")
 
     def __init__(self, engine_id, cluster, ip, updated_ns):
         self.engine_id = engine_id
@@ -137,6 +137,9 @@ class Engine:
         # The state's sequence number at this engine's last change (like
         # Cluster.version), so readers can cache what they derive from it.
         self.version = 0
+        # (version, what a reader derived from this engine): the HTTP layer
+        # keeps the engine's serialised form here, valid while versions match.
+        self.wire = (-1, None)
 
     def as_dict(self):
         return {
