@@ -28,7 +28,7 @@ import treq
 from prometheus_client import Counter, Gauge, Histogram
 from treq.client import HTTPClient
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
@@ -51,6 +51,7 @@ BACKOFF_FIRST = 0.05  # seconds before sending again to a peer after a failed re
 BACKOFF_MAX = 1.0
 SINGLE_CONCURRENCY = 16  # single events in flight per peer
 FAILURE_LOG_INTERVAL = 30.0  # an ongoing failure is logged again at most this often
+DRAIN_TIMEOUT = 2.0  # seconds a stopping node spends sending what is queued
 
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -320,6 +321,7 @@ class PeerLink:
         self._wakeup = None
         self.sent = self.failed = self.dropped = 0
         self.closed = False
+        self.draining = False
         m = replicator.metrics
         self._m_sent = m.sent.labels(self.name)
         self._m_failed = m.failed.labels(self.name)
@@ -381,7 +383,7 @@ class PeerLink:
         if self._in_flight:
             return  # the answer pumps again
         wait = queue[0][3] + self._r.batch_interval - now
-        if len(queue) < self._r.batch_size and wait > 0 and not probing:
+        if len(queue) < self._r.batch_size and wait > 0 and not probing and not self.draining:
             self._schedule(wait)
             return
         self._send_batch()
@@ -567,6 +569,15 @@ class PeerLink:
 
     # -- status ------------------------------------------------------------------
 
+    def drain(self):
+        """Send everything now, without waiting for batches to fill."""
+        self.draining = True
+        self._schedule(0)
+
+    @property
+    def busy(self):
+        return bool(self.queue or self._in_flight)
+
     def lag_seconds(self):
         """Age of the oldest event not yet acknowledged by the peer."""
         oldest = [self.queue[0][3]] if self.queue else []
@@ -634,10 +645,22 @@ class Replicator(Service):
     def peer_status(self):
         return [self.links[peer].status() for peer in sorted(self.links)]
 
+    @defer.inlineCallbacks
     def stopService(self):
+        """Sends what is queued before the node exits (a rolling update loses
+        no event it acknowledged), for at most ``DRAIN_TIMEOUT`` seconds: a
+        dead peer's queue is dropped, anti-entropy repairs it."""
         super().stopService()
+        deadline = self.clock.seconds() + DRAIN_TIMEOUT
+        for link in self._link_list:
+            link.drain()
+        while any(link.busy for link in self._link_list) and self.clock.seconds() < deadline:
+            yield task.deferLater(self.clock, 0.01, lambda: None)
+        left = sum(len(link.queue) for link in self._link_list)
+        if left:
+            log.warn("stopping with {events} events not replicated (peers not answering)", events=left)
         for link in self._link_list:
             link.close()
         self.links = {}
         self._link_list = ()
-        return self.client.close()
+        yield self.client.close()

@@ -246,6 +246,23 @@ def test_one_dead_peer_does_not_delay_another():
     assert status["10.0.0.2:2"]["lag_ms"] > 0
 
 
+@pytest_twisted.inlineCallbacks
+def test_a_stopping_node_sends_what_is_queued_first():
+    clock = clocked()
+    sender, receiver = LocalNode(clock), LocalNode(clocked())
+    replicator, link = stub_replicator(sender, receiver.api.resource(), batch_size=1000, batch_interval=5.0)
+    for i in range(10):
+        sender.add(f"r{i}")
+    assert receiver.state.request_count == 0  # waiting for the batch to fill
+    stopped = replicator.stopService()
+    for _ in range(10):
+        clock.advance(0.01)
+    assert stopped.called
+    yield stopped
+    assert receiver.state.request_count == 10
+    assert link.dropped == 0
+
+
 def test_a_peer_that_leaves_takes_its_queue_and_series_with_it():
     clock = clocked()
     sender = LocalNode(clock)
