@@ -34,6 +34,7 @@ partition that must heal exactly. A node that was down re-joins by warm start
 (a full snapshot), not by repair.
 """
 
+import itertools
 import json
 import zlib
 from collections import Counter as Tally
@@ -419,8 +420,11 @@ class AntiEntropy(Service):
         budget = self.max_body - 64
         parts = {"records": [], "tombstones": []}
         size = 0
-        entries = [("records", json.dumps(record_entry(r)[1:], ensure_ascii=False)) for r in records]
-        entries += [("tombstones", json.dumps(t, ensure_ascii=False)) for t in tombstones]
+        # Encoded lazily: the caller sends each body before the next is
+        # built, so one reactor turn never encodes more than a body's worth.
+        entries = itertools.chain(
+            (("records", json.dumps(record_entry(r)[1:], ensure_ascii=False)) for r in records),
+            (("tombstones", json.dumps(t, ensure_ascii=False)) for t in tombstones))
         for key, text in entries:
             length = len(text.encode("utf-8")) + 1
             if size and size + length > budget:

@@ -420,3 +420,31 @@ async def test_a_mixed_cluster_with_a_reference_node_converges(reference):
     finally:
         await pool.closeCachedConnections()
         ours.stop()
+
+
+def test_the_kubernetes_manifests_use_real_settings_and_probes():
+    yaml = pytest.importorskip("yaml")
+    from metacenter.config import SETTINGS
+
+    base = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deploy", "kubernetes")
+    docs = {}
+    for name in os.listdir(base):
+        if name.endswith(".yaml") and name != "kustomization.yaml":
+            with open(os.path.join(base, name)) as f:
+                for doc in yaml.safe_load_all(f):
+                    docs[(doc["kind"], doc["metadata"]["name"])] = doc
+    known_env = {env for s in SETTINGS for env in s.env}
+    pod = docs[("Deployment", "metacenter")]["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert set(env) <= known_env, set(env) - known_env
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    secret_ref = env["METACENTER_CLUSTER_SECRET"]["valueFrom"]["secretKeyRef"]
+    assert secret_ref["key"] in docs[("Secret", secret_ref["name"])]["stringData"]
+    peers = docs[("Service", env["META_DATA_CENTER_SVC_DISC_HOST"]["value"])]["spec"]
+    assert peers["clusterIP"] == "None" and peers["publishNotReadyAddresses"] is True
+    assert int(env["REPLICA_CLIENT_TARGET_PORT"]["value"]) == container["ports"][0]["containerPort"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert pod["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
+    assert container["resources"]["requests"] and container["resources"]["limits"]
