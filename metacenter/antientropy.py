@@ -31,7 +31,9 @@ tombstone is gone, and a deleted request is never resurrected. Such
 Differences younger than the horizon (dropped batches, a short partition, a
 paused node) are repaired exactly; size ``tombstone_ttl`` above the longest
 partition that must heal exactly. A node that was down re-joins by warm start
-(a full snapshot), not by repair.
+(a full snapshot), not by repair; one that knows it was away for longer than
+``isolation_threshold`` (``on_isolation`` here, or warmstart.StallWatch)
+resyncs from a peer (warmstart.WarmStart.resync).
 """
 
 import itertools
@@ -97,6 +99,14 @@ def reconcile(node, record, now):
             return MERGED
         return SAME
     return SAME if prompt_deleted else PEER_PROMPT  # live, prompt deleted here
+
+
+def isolation_threshold(tombstone_ttl, interval):
+    """How long a node may miss the cluster and still be repaired exactly by
+    anti-entropy: what it missed must still be inside the repair horizon when
+    the next rounds run. Longer, and it resyncs (warmstart)."""
+    horizon = repair_horizon(tombstone_ttl)
+    return max(1.0, min(horizon / 2, horizon - 2 * interval))
 
 
 def digests(state):
@@ -203,7 +213,7 @@ class AntiEntropy(Service):
     name = "anti-entropy"
 
     def __init__(self, node, client, peers, clock, interval=10.0, max_body=65536, start_after=None,
-                 registry=None):
+                 registry=None, on_isolation=None):
         self.node = node
         self.client = client
         self._peers = peers
@@ -218,6 +228,11 @@ class AntiEntropy(Service):
         self._cooperator = task.Cooperator(scheduler=lambda work: clock.callLater(0, work),
                                            terminationPredicateFactory=_one_step)
         self.last = {}  # peer name -> outcome of the last exchange, for tests and the log
+        # on_isolation(since, seconds): no peer answered for longer than
+        # ``isolation_threshold``, and now one does (warmstart.WarmStart.resync).
+        self.on_isolation = on_isolation
+        self.isolation_threshold = isolation_threshold(node.state.tombstone_ttl, interval)
+        self.last_contact = None
 
     def startService(self):
         super().startService()
@@ -227,6 +242,7 @@ class AntiEntropy(Service):
     def _start_loop(self, _):
         if not self.running:
             return
+        self.last_contact = self.clock.seconds()
         self._loop = task.LoopingCall(self.round)
         self._loop.clock = self.clock
         self._loop.start(self.interval, now=False).addErrback(
@@ -247,13 +263,21 @@ class AntiEntropy(Service):
             self.metrics.forget(gone)
             self.last.pop(gone, None)
         self._known = names
+        started = self.clock.seconds()
+        answered = not peers  # alone is not isolated
         for peer in peers:
             if not self.running:
                 return
             try:
-                yield self.exchange(peer)
+                outcome = yield self.exchange(peer)
+                answered = answered or outcome["result"] != "failed"
             except Exception:
                 log.failure("anti-entropy exchange with {peer} failed unexpectedly", peer=format_peer(peer))
+        if answered:
+            since = self.last_contact
+            self.last_contact = self.clock.seconds()
+            if peers and since is not None and started - since > self.isolation_threshold and self.on_isolation:
+                self.on_isolation(since, started - since)
 
     @defer.inlineCallbacks
     def exchange(self, peer):

@@ -642,6 +642,18 @@ class Replicator(Service):
             for link in links:
                 link.enqueue(item)
 
+    @defer.inlineCallbacks
+    def drain(self, timeout=DRAIN_TIMEOUT):
+        """Send every queued event now; fires when all peers acknowledged
+        them, or after ``timeout`` seconds."""
+        deadline = self.clock.seconds() + timeout
+        for link in self._link_list:
+            link.drain()
+        while any(link.busy for link in self._link_list) and self.clock.seconds() < deadline:
+            yield task.deferLater(self.clock, 0.01, lambda: None)
+        for link in self._link_list:
+            link.draining = False
+
     def peer_status(self):
         return [self.links[peer].status() for peer in sorted(self.links)]
 
@@ -651,11 +663,7 @@ class Replicator(Service):
         no event it acknowledged), for at most ``DRAIN_TIMEOUT`` seconds: a
         dead peer's queue is dropped, anti-entropy repairs it."""
         super().stopService()
-        deadline = self.clock.seconds() + DRAIN_TIMEOUT
-        for link in self._link_list:
-            link.drain()
-        while any(link.busy for link in self._link_list) and self.clock.seconds() < deadline:
-            yield task.deferLater(self.clock, 0.01, lambda: None)
+        yield self.drain()
         left = sum(len(link.queue) for link in self._link_list)
         if left:
             log.warn("stopping with {events} events not replicated (peers not answering)", events=left)

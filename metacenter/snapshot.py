@@ -175,8 +175,9 @@ class SnapshotMerger:
     an order-insensitive merge, so events arriving meanwhile (or a second
     snapshot after a broken one) never count twice."""
 
-    def __init__(self, node):
+    def __init__(self, node, listed=None):
         self._node = node
+        self.listed = listed  # a set: the ids of the peer's live requests go in it
         self.complete = False
         self.merged = {"requests": 0, "tombstones": 0, "cache_engines": 0}
         self.invalid = 0
@@ -195,7 +196,10 @@ class SnapshotMerger:
         try:
             tag = entry[0] if isinstance(entry, list) and entry else None
             if tag == "r":
-                self._node.merge_record(*parse_record(entry))
+                record = parse_record(entry)
+                self._node.merge_record(*record)
+                if self.listed is not None:
+                    self.listed.add(record[0])
                 self.merged["requests"] += 1
             elif tag == "t":
                 self._node.merge_tombstone(*parse_tombstone(entry))

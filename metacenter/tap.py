@@ -22,7 +22,7 @@ from metacenter.replication import PeerClient, Replicator, make_http_client
 from metacenter.site import MetacenterSite
 from metacenter.state import LoadState
 from metacenter.sweeper import Sweeper
-from metacenter.warmstart import WarmStart
+from metacenter.warmstart import StallWatch, WarmStart
 
 
 class Options(usage.Options):
@@ -85,10 +85,17 @@ def _add_cluster_services(top, cfg, node, api, metrics, reactor):
     discovery.add_listener(replicator.peers_changed)
     replicator.setServiceParent(top)
     discovery.setServiceParent(top)
-    warm_start = WarmStart(node, client, discovery, reactor, timeout=cfg.warm_start_timeout)
+    warm_start = WarmStart(node, client, discovery, reactor, timeout=cfg.warm_start_timeout,
+                           before_resync=replicator.drain)
     warm_start.setServiceParent(top)
-    AntiEntropy(node, client, lambda: discovery.peers, reactor, interval=cfg.anti_entropy_interval,
-                max_body=cfg.max_body, start_after=warm_start.when_done()).setServiceParent(top)
+    anti_entropy = AntiEntropy(
+        node, client, lambda: discovery.peers, reactor, interval=cfg.anti_entropy_interval, max_body=cfg.max_body,
+        start_after=warm_start.when_done(),
+        on_isolation=lambda since, seconds: warm_start.resync(since, f"no peer answered for {seconds:.0f} s"))
+    anti_entropy.setServiceParent(top)
+    StallWatch(reactor, anti_entropy.isolation_threshold,
+               lambda since, seconds: warm_start.resync(since, f"this process did not run for {seconds:.0f} s")
+               ).setServiceParent(top)
 
 
 def makeService(options, reactor=None):

@@ -726,6 +726,97 @@ def test_anti_entropy_rounds_survive_an_unreachable_peer():
         yield client.close()
 
 
+# -- resync after being away ---------------------------------------------------------
+
+
+def test_the_stall_watch_notices_a_process_that_did_not_run():
+    from metacenter.warmstart import StallWatch
+
+    clock = clocked()
+    stalls = []
+    watch = StallWatch(clock, threshold=5.0, on_stall=lambda since, seconds: stalls.append((since, seconds)))
+    watch.startService()
+    for _ in range(10):
+        clock.advance(1.0)
+    assert stalls == []
+    before = clock.seconds()
+    clock.advance(30.0)  # one tick, thirty seconds late
+    assert stalls == [(before, 29.0)]
+    watch.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_anti_entropy_notices_that_no_peer_answered_for_too_long():
+    clock = clocked()
+    a, b = LocalNode(clock), LocalNode(clock).listen()
+    peers = [("127.0.0.1", 9)]  # nobody there
+    isolations = []
+    client = real_client(timeout=0.5)
+    anti = AntiEntropy(a.node, client, lambda: peers, clock, interval=1.0, registry=CollectorRegistry(),
+                       on_isolation=lambda since, seconds: isolations.append((since, seconds)))
+    anti.running = True
+    anti.last_contact = clock.seconds()
+    try:
+        yield anti.round()
+        clock.advance(anti.isolation_threshold + 5)
+        yield anti.round()
+        assert isolations == []  # still nobody
+        peers[:] = [b.peer]
+        yield anti.round()
+        assert len(isolations) == 1 and isolations[0][1] > anti.isolation_threshold
+        yield anti.round()
+        assert len(isolations) == 1
+    finally:
+        yield client.close()
+        yield b.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_resync_takes_the_clusters_state_and_drops_what_finished_while_away():
+    """What anti-entropy must leave alone (old, one-sided requests) a node
+    that knows it was away takes from a peer."""
+    from metacenter.warmstart import WarmStart
+
+    clock = clocked()
+    ttl = 60.0
+    stale, peer = LocalNode(clock, tombstone_ttl=ttl), LocalNode(clock, tombstone_ttl=ttl).listen()
+    client = real_client()
+    warm = WarmStart(stale.node, client, static_discovery(peer.peer), reactor, timeout=10.0,
+                     registry=CollectorRegistry())
+    warm.startService()
+    yield warm.when_done()
+
+    born = int(clock.seconds() * 1e9)
+    for node in (stale, peer):
+        node.add("kept", cluster="m", ip="10.0.0.1", timestamp=born)
+        node.add("finished", cluster="m", ip="10.0.0.1", timestamp=born)
+    peer.add("missed", cluster="m", ip="10.0.0.2", timestamp=born)  # the stale node was away
+    away_since = clock.seconds() + 1
+    peer.delete("finished")  # the stale node was away
+    clock.advance(ttl + 5)
+    peer.state.expire_all()  # the peer forgot the delete
+    stale.add("fresh", cluster="m", ip="10.0.0.3")  # after the node came back
+    anti = AntiEntropy(stale.node, client, lambda: [peer.peer], reactor, registry=CollectorRegistry())
+    try:
+        outcome = yield anti.exchange(peer.peer)
+        assert outcome["unresolved"] == 2  # "finished" and "missed": anti-entropy cannot tell
+        assert stale.state.request_state("finished") == "live"
+
+        summary = yield warm.resync(away_since, "a test")
+        assert summary["outcome"] == "complete" and summary["deleted"] == 1
+        assert stale.node.ready is True
+        assert stale.state.request_state("finished") == "deleted"
+        assert stale.state.request_state("missed") == "live"
+        assert stale.state.request_state("kept") == "live"
+        assert stale.state.request_state("fresh") == "live"  # born after the node came back: kept
+        again = yield anti.exchange(peer.peer)
+        assert peer.state.request_state("fresh") == "live" and again["result"] == "in_sync"
+        assert stale.view() == peer.view()
+    finally:
+        yield client.close()
+        yield peer.close()
+
+
 # -- end to end in process: batches over real connections ------------------------------
 
 
