@@ -29,6 +29,7 @@ UNDOCUMENTED_ROUTES = {
     ("POST", "/v1/replica/batch"),
     ("GET", "/v1/replica/snapshot"),
     ("GET", "/v1/replica/digest"),
+    ("POST", "/v1/replica/buckets"),
     ("POST", "/v1/replica/records"),
     ("POST", "/v1/replica/repair"),
 }
