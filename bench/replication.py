@@ -16,7 +16,8 @@ core when the machine has two (bench.servers.Cores).
    of its own cluster to S, then R is polled until it shows it. Lag = time
    from S's answer to R showing the request, the staleness a gateway reading
    from R would see. Resolution: one poll round trip (reported).
-2. Receiver CPU per event, batched: N events through S (S batches to R);
+2. Receiver CPU per event, batched: N events through S at a steady rate
+   (S batches to R);
    R's CPU time (/proc/PID/stat) from before the first event to when S has
    every event acknowledged, divided by N.
 3. Receiver CPU per event, single: the same N events sent straight to R as a
@@ -98,6 +99,9 @@ def measure(quick, seconds, log, sender_args=(), pin=True):
     # Operations per second offered to S in the lag phase: well below what
     # this process can send, so that its probes are not stuck behind them.
     rate = 600.0
+    # The same steady rate for the three CPU phases, so that batch sizes (and
+    # the receiver's idle time) depend on the protocol only.
+    cpu_rate = 1200.0
     seconds = seconds or (4 if quick else 10)
     quiet = ["--anti-entropy-interval", "1h", "--gc-interval", "1h"]
     receiver = servers.Node(cores, *quiet)
@@ -227,7 +231,7 @@ def measure(quick, seconds, log, sender_args=(), pin=True):
         code, metrics = await call(sender.url, "GET", "/metrics")
         batches_before = batch_count(metrics.decode(), status["peer"])
         cpu0 = receiver.cpu_seconds()
-        elapsed = await paced(ops, lambda op: call(sender.url, op[0], op[1], op[2]), concurrency=32)
+        elapsed = await paced(ops, lambda op: call(sender.url, op[0], op[1], op[2]), rate=cpu_rate)
         status = await drained(sent_so_far + len(ops))
         batched_cpu = receiver.cpu_seconds() - cpu0
         code, metrics = await call(sender.url, "GET", "/metrics")
@@ -251,7 +255,7 @@ def measure(quick, seconds, log, sender_args=(), pin=True):
             return call(receiver.url, "POST", "/v1/replica/event", body, headers)
 
         cpu0 = receiver.cpu_seconds()
-        elapsed = await paced(ops, single, concurrency=16)
+        elapsed = await paced(ops, single, rate=cpu_rate, concurrency=16)
         single_cpu = receiver.cpu_seconds() - cpu0
         results["single"] = {
             "events": len(ops), "receiver_cpu_s": round(single_cpu, 3),
@@ -263,7 +267,8 @@ def measure(quick, seconds, log, sender_args=(), pin=True):
         ops = gateway_ops("client", requests)
         log(f"replication: {len(ops):,} client requests to the receiver, for scale")
         cpu0 = receiver.cpu_seconds()
-        elapsed = await paced(ops, lambda op: call(receiver.url, op[0], op[1], op[2]), concurrency=16)
+        elapsed = await paced(ops, lambda op: call(receiver.url, op[0], op[1], op[2]), rate=cpu_rate,
+                              concurrency=16)
         client_cpu = receiver.cpu_seconds() - cpu0
         results["client_request"] = {
             "requests": len(ops), "receiver_cpu_us_per_request": round(client_cpu / len(ops) * 1e6, 2),

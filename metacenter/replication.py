@@ -1,9 +1,11 @@
 """Replication sender: every accepted client mutation goes to every peer.
 
 Per peer, events wait in a bounded queue and leave in batches (POST
-/v1/replica/batch) as soon as a batch holds ``batch_size`` events or its oldest
-event has waited ``batch_interval``; one batch per peer is in flight at a time,
-so a busy peer simply gets bigger batches. Each peer has its own queue, timers
+/v1/replica/batch) as soon as a batch holds ``batch_size`` events, or
+``batch_interval`` after the previous batch left: an event after a quiet spell
+goes at once, under load a batch leaves every interval, and no event waits
+longer than that. One batch per peer is in flight at a time, so a slow peer
+simply gets bigger batches. Each peer has its own queue, timers
 and requests: a slow or dead peer delays nobody else, and the client's request
 only appends to the queues. A full queue drops its oldest events (counted);
 anti-entropy repairs what a peer missed.
@@ -319,6 +321,7 @@ class PeerLink:
         self.resume_at = 0.0
         self._failure_logged_at = None
         self._wakeup = None
+        self._last_batch_at = float("-inf")  # when the previous batch left
         self.sent = self.failed = self.dropped = 0
         self.closed = False
         self.draining = False
@@ -342,8 +345,10 @@ class PeerLink:
             self._count_dropped(1)
         queue.append(item)
         if self._wakeup is None:
-            batch = self.mode == MODE_BATCH and len(queue) < self._r.batch_size
-            self._schedule(self._r.batch_interval if batch else 0)
+            if self.mode == MODE_BATCH and len(queue) < self._r.batch_size:
+                self._schedule(self._last_batch_at + self._r.batch_interval - item[3])
+            else:
+                self._schedule(0)
         elif len(queue) == self._r.batch_size:
             self._schedule(0)  # full: no need to wait for the timer
 
@@ -382,7 +387,7 @@ class PeerLink:
             return
         if self._in_flight:
             return  # the answer pumps again
-        wait = queue[0][3] + self._r.batch_interval - now
+        wait = self._last_batch_at + self._r.batch_interval - now
         if len(queue) < self._r.batch_size and wait > 0 and not probing and not self.draining:
             self._schedule(wait)
             return
@@ -423,6 +428,7 @@ class PeerLink:
             items.append(queue.popleft())
             parts.append(part)
         body = b'{"events":[' + b",".join(parts) + b"]}"
+        self._last_batch_at = self._clock.seconds()
         token = self._track(items[0][3])
         started = perf_counter()
         d = self._post(BATCH_PATH, body, {"TraceId": str(uuid.uuid4())})
@@ -608,7 +614,7 @@ class Replicator(Service):
 
     name = "replication"
 
-    def __init__(self, node, client, clock, *, batch_size=128, batch_interval=0.002, queue_size=100000,
+    def __init__(self, node, client, clock, *, batch_size=128, batch_interval=0.005, queue_size=100000,
                  max_batch_bytes=65536, probe_interval=60.0, registry=None):
         self.node = node
         self.client = client

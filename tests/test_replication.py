@@ -121,7 +121,7 @@ def wait_until(predicate, timeout=10.0, interval=0.02):
 # -- sender --------------------------------------------------------------------
 
 
-def test_a_batch_goes_when_it_is_full_or_its_oldest_event_waited_long_enough():
+def test_a_batch_goes_when_it_is_full_or_an_interval_after_the_previous_one():
     clock = clocked()
     sender, receiver = LocalNode(clock), LocalNode(clocked())
     replicator, link = stub_replicator(sender, receiver.api.resource(), batch_size=5, batch_interval=0.010)
@@ -136,7 +136,7 @@ def test_a_batch_goes_when_it_is_full_or_its_oldest_event_waited_long_enough():
     for i in range(5, 8):
         sender.add(f"r{i}")
     clock.advance(0.009)
-    assert receiver.state.request_count == 5  # 3 events, younger than the interval
+    assert receiver.state.request_count == 5  # 3 events, the previous batch left just now
     clock.advance(0.001)
     assert receiver.state.request_count == 8
     assert link.sent == 8
@@ -145,6 +145,10 @@ def test_a_batch_goes_when_it_is_full_or_its_oldest_event_waited_long_enough():
     histogram = replicator.metrics.batch_size.labels(link.name)
     assert histogram._sum.get() == 8
     assert sum(bucket.get() for bucket in histogram._buckets) == 2
+    clock.advance(1.0)
+    sender.add("after-a-quiet-spell")
+    clock.advance(0)
+    assert receiver.state.request_state("after-a-quiet-spell") == "live"  # no wait at all
 
 
 def test_replicated_events_are_applied_with_their_timestamp_and_not_forwarded_again():
