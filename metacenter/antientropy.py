@@ -49,6 +49,7 @@ from twisted.internet import defer, task
 from metacenter import envelope
 from metacenter.discovery import format_peer
 from metacenter.logs import logger
+from metacenter.turns import chunk_per_turn
 from metacenter.snapshot import decode_line, parse_record, record_entry
 from metacenter.state import TOMB_DELETED, TOMB_PROMPT, request_fingerprint
 
@@ -140,7 +141,7 @@ def scan_buckets(state, clusters, out):
             yield None
 
 
-def bucket_digests(state, clusters, cooperate=task.cooperate):
+def bucket_digests(state, clusters, cooperate):
     """Deferred {cluster: {bucket: [live, digest]}}, computed cooperatively."""
     out = {}
     return cooperate(scan_buckets(state, clusters, out)).whenDone().addCallback(lambda _: out)
@@ -225,8 +226,7 @@ class AntiEntropy(Service):
         self._loop = None
         self._known = set()
         self._failure_logged = {}  # peer -> (reason, when)
-        self._cooperator = task.Cooperator(scheduler=lambda work: clock.callLater(0, work),
-                                           terminationPredicateFactory=_one_step)
+        self._cooperator = chunk_per_turn(clock)
         self.last = {}  # peer name -> outcome of the last exchange, for tests and the log
         # on_isolation(since, seconds): no peer answered for longer than
         # ``isolation_threshold``, and now one does (warmstart.WarmStart.resync).
@@ -478,12 +478,3 @@ def _summary(outcome):
         ADOPTED, "prompt_deleted", "deleted", "peer_adopted", "sent_deletes", "sent_prompt_deletes", UNRESOLVED)
         if outcome.get(key))
 
-
-def _one_step():
-    calls = [0]
-
-    def predicate():
-        calls[0] += 1
-        return calls[0] > 1
-
-    return predicate

@@ -5,6 +5,8 @@ these methods; neither touches the state directly.
 
 import time
 
+from twisted.internet import task
+
 from metacenter import __version__
 from metacenter.validation import LoadAdd, LoadDelete
 
@@ -46,6 +48,9 @@ class Node:
         self.not_ready_reason = None
         # Optional providers filled in by other services (replication, cache).
         self.peer_status = lambda: []
+        # Runs big jobs in chunks (task.cooperate's signature); the service
+        # tree sets one that gives each chunk its own reactor turn.
+        self.cooperate = task.cooperate
         self.cache = None
 
     def _stamped(self, event):

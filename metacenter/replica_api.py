@@ -141,7 +141,7 @@ class ReplicaRoutes:
         self.authenticate(request, body)
         self._ensure_ready()
         clusters = _cluster_list(validation.parse_json_object(body))
-        return bucket_digests(self.node.state, clusters).addCallback(encode_buckets)
+        return bucket_digests(self.node.state, clusters, self.node.cooperate).addCallback(encode_buckets)
 
     @endpoint("/v1/replica/repair", ["POST"])
     def replica_repair(self, request, trace_id):

@@ -4,9 +4,8 @@ sweep over a million requests never stalls the gateways being served."""
 from itertools import chain
 from time import perf_counter
 
-from twisted.internet import task
-
 from metacenter.logs import logger
+from metacenter.turns import chunk_per_turn
 
 log = logger("metacenter.sweeper")
 
@@ -19,11 +18,7 @@ class Sweeper:
         self._cache = cache
         self._metrics = metrics
         self._chunk = chunk
-        # Each chunk runs in its own reactor turn.
-        self._cooperator = task.Cooperator(
-            scheduler=lambda work: reactor.callLater(0, work),
-            terminationPredicateFactory=lambda: _one_step(),
-        )
+        self._cooperator = chunk_per_turn(reactor)
         self.running = None
 
     def sweep(self):
@@ -67,14 +62,3 @@ class Sweeper:
             log.info("expiry sweep removed {requests} requests, {tombstones} tombstones, {engines} engines "
                      "in {seconds:.3f}s", requests=removed["request"], tombstones=removed["tombstone"],
                      engines=removed["engine"], seconds=elapsed)
-
-
-def _one_step():
-    """Cooperator termination predicate: one iterator step per reactor turn."""
-    calls = [0]
-
-    def predicate():
-        calls[0] += 1
-        return calls[0] > 1
-
-    return predicate

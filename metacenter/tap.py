@@ -22,6 +22,7 @@ from metacenter.replication import PeerClient, Replicator, make_http_client
 from metacenter.site import MetacenterSite
 from metacenter.state import LoadState
 from metacenter.sweeper import Sweeper
+from metacenter.turns import chunk_per_turn
 from metacenter.warmstart import StallWatch, WarmStart
 
 
@@ -107,6 +108,7 @@ def makeService(options, reactor=None):
     state = LoadState(reactor, request_expire=cfg.request_expire, tombstone_ttl=cfg.tombstone_ttl)
     metrics = Metrics(state)
     node = Node(state, reactor, metrics, advertise=",".join(cfg.advertise))
+    node.cooperate = chunk_per_turn(reactor).cooperate
     node.cache = CacheIndex(reactor, engine_blocks=cfg.cache_engine_blocks, ttl=cfg.cache_ttl,
                             max_blocks=cfg.cache_max_blocks)
     # An engine that left the load table took its KV cache with it.

@@ -41,6 +41,7 @@ from twisted.internet import defer, task
 
 from metacenter.discovery import format_peer
 from metacenter.logs import logger
+from metacenter.turns import chunk_per_turn
 from metacenter.snapshot import SnapshotMerger
 from metacenter.state import TOMB_DELETED
 
@@ -233,7 +234,7 @@ class WarmStart(Service):
                         deleted[0] += 1
                 yield None
 
-        return task.cooperate(scan()).whenDone().addCallback(lambda _: deleted[0])
+        return chunk_per_turn(self.clock).cooperate(scan()).whenDone().addCallback(lambda _: deleted[0])
 
 
 class StallWatch(Service):
