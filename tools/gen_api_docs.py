@@ -59,6 +59,8 @@ class Renderer:
             return "IP address (string)"
         if name and s.get("type") == "object":
             return f"`{name}` object"
+        if name and self.is_tuple(s):
+            return f"`{name}` array"
         if "const" in s:
             return f"`{json.dumps(s['const'])}`"
         if "enum" in s:
@@ -71,7 +73,29 @@ class Renderer:
         if not types and ("anyOf" in s or "oneOf" in s):
             alternatives = s.get("anyOf") or s.get("oneOf")
             return " or ".join(self.ref_name(a) or self.type_of(a) for a in alternatives)
+        values = s.get("additionalProperties")
+        if types.startswith("object") and isinstance(values, dict) and "properties" not in s:
+            return f"{types}, each value {self.type_of(values)}"
         return types or "any"
+
+    def is_tuple(self, s):
+        """An array whose elements have fixed places (`prefixItems`), in one
+        or several shapes: rendered by its description, not as fields."""
+        s = self.resolve(s)
+        shapes = [s] + list(s.get("anyOf") or s.get("oneOf") or [])
+        return s.get("type") == "array" and any("prefixItems" in self.resolve(x) for x in shapes)
+
+    def named_formats(self, schema):
+        """(name, description) of the named tuple schemas a schema's fields
+        use (as a field, an array's items or an object's values)."""
+        out = []
+        s = self.resolve(schema)
+        for prop in s.get("properties", {}).values():
+            for candidate in (prop, self.resolve(prop).get("items"), self.resolve(prop).get("additionalProperties")):
+                name = self.ref_name(candidate) if isinstance(candidate, dict) else None
+                if name and self.is_tuple(candidate) and (name, self.description(candidate)) not in out:
+                    out.append((name, self.description(candidate)))
+        return out
 
     @staticmethod
     def _types(s):
@@ -304,6 +328,9 @@ class Renderer:
                     out += self.table(["Field", "Type", "Required", "Constraints", "Description"], rows)
                     extra = self.resolve(alternative).get("additionalProperties", True)
                     out += ["", "Other fields are ignored." if extra is not False else "No other fields.", ""]
+                    out += [f"- `{n}`: {d}" for n, d in self.named_formats(alternative)]
+                    if self.named_formats(alternative):
+                        out += [""]
             if "example" in media:
                 out += ["Example:", ""] + self.code_block(media["example"]) + [""]
         return out
@@ -327,10 +354,15 @@ class Renderer:
                         data_tables += [f"{prefix} fields ({status}):", ""]
                         data_tables += self.table(["Field", "Type", "Required", "Constraints", "Description"],
                                                   rows_) + [""]
+                        formats = self.named_formats(target)
+                        data_tables += [f"- `{n}`: {d}" for n, d in formats] + ([""] if formats else [])
+                    elif resolved.get("description"):
+                        data_tables += [f"`data` ({status}): {resolved['description']}", ""]
                 elif code is not None:
                     what = "error envelope"
                 else:
                     what = f"`{media_type}`, not the envelope"
+                    data_tables += self.render_lines(media_type, media, status)
                 rows.append((status, f"`{code}`" if code is not None else "", what, response.get("description", "")))
                 if "example" in media and status.startswith("2"):
                     example = media["example"]
@@ -340,6 +372,22 @@ class Renderer:
                         examples += [f"Example response ({status}):", ""] + self.code_block(example) + [""]
         out = ["Responses:", ""] + self.table(["Status", "Code", "Body", "Description"], rows) + [""]
         return out + data_tables + examples
+
+
+    def render_lines(self, media_type, media, status):
+        """For a newline-delimited JSON stream: what each line may be."""
+        if not media_type.endswith("ndjson") or "schema" not in media:
+            return []
+        schema = media["schema"]
+        line = self.resolve(schema)
+        name = self.ref_name(schema)
+        out = [f"Lines ({status}" + (f", each a `{name}`" if name else "") + "): " + line.get("description", ""), ""]
+        for alternative in line.get("oneOf") or line.get("anyOf") or [schema]:
+            s = self.resolve(alternative)
+            fields = ", ".join(f"`{field}` ({self.type_of(prop)})" for field, prop in s.get("properties", {}).items())
+            text = s.get("description", "") + (f" Fields: {fields}." if fields else "")
+            out.append(f"- `{self.ref_name(alternative) or self.type_of(alternative)}`: {text}")
+        return out + [""]
 
 
 def render(document):
