@@ -194,7 +194,7 @@ class ReplicaRoutes:
             keep = None
             if buckets is not None:
                 if not isinstance(buckets, dict) or not all(
-                        isinstance(v, list) and all(isinstance(b, int) and 0 <= b < BUCKETS for b in v)
+                        isinstance(v, list) and all(type(b) is int and 0 <= b < BUCKETS for b in v)
                         for v in buckets.values()):
                     raise envelope.invalid(f"field 'buckets' must map clusters to arrays of integers "
                                            f"in [0, {BUCKETS - 1}]")
@@ -244,6 +244,7 @@ class ReplicaRoutes:
 
 def _cluster_list(obj):
     clusters = obj.get("clusters")
-    if not isinstance(clusters, list) or not all(isinstance(c, str) for c in clusters):
+    if not isinstance(clusters, list):
         raise envelope.invalid("field 'clusters' must be an array of strings")
-    return clusters
+    # Each name is checked like a client's 'cluster' (non-empty, valid text).
+    return [validation.required_string({"cluster": c}, "cluster") for c in clusters]

@@ -123,7 +123,8 @@ class ChunkProducer:
 def parse_record(item):
     """A ``["r", ...]`` entry (or the same without the tag) -> the record
     tuple, validated like a client's add; ApiError(400) otherwise."""
-    if isinstance(item, list) and item and item[0] == "r":
+    # Tagged entries are one longer, so an untagged request id "r" is not a tag.
+    if isinstance(item, list) and len(item) == 7 and item[0] == "r":
         item = item[1:]
     if not isinstance(item, list) or len(item) != 6:
         raise envelope.invalid("a record must be [request_id, cluster, ip, prompt_length, prompt_deleted, created_s]")
@@ -139,13 +140,12 @@ def parse_record(item):
 
 def parse_tombstone(item):
     """``["t", id, kind, created_s]`` or ``[id, kind]`` -> (request_id, kind)."""
-    if isinstance(item, list) and item and item[0] == "t":
+    if isinstance(item, list) and len(item) == 4 and item[0] == "t":
         item = item[1:3]
-    if not isinstance(item, list) or len(item) < 2:
+    if not isinstance(item, list) or len(item) != 2:
         raise envelope.invalid("a tombstone must be [request_id, kind]")
-    request_id, kind = item[0], item[1]
-    if not isinstance(request_id, str) or not request_id:
-        raise envelope.invalid("field 'request_id' of a tombstone must be a non-empty string")
+    request_id = validation.required_string({"request_id": item[0]}, "request_id")
+    kind = item[1]
     if kind not in (TOMB_PROMPT, TOMB_DELETED) or isinstance(kind, bool):
         raise envelope.invalid(f"field 'kind' of a tombstone must be {TOMB_PROMPT} or {TOMB_DELETED}")
     return request_id, kind

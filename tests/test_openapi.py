@@ -506,8 +506,6 @@ def test_request_schema_and_validation_agree(schema_name, parser):
     assert verdicts[True] >= 10 and verdicts[False] >= 10, verdicts
 
 
-@pytest.mark.xfail(strict=True, reason="replica_api.replica_records takes true/false as bucket numbers (bool is an "
-                                       "int in Python); when this passes, drop the exception in test_fuzz._known_divergence")
 def test_records_refuses_boolean_buckets():
     body = {"clusters": ["c"], "buckets": {"c": [True]}}
     assert not validator({"$ref": "#/components/schemas/ReplicaRecordsRequest"}).is_valid(body)

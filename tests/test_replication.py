@@ -846,3 +846,12 @@ def test_two_nodes_over_loopback_converge_in_batches():
         replicator.stopService()
         yield a.close()
         yield b.close()
+
+
+def test_untagged_repair_entries_whose_id_is_a_tag_letter_are_read_as_ids():
+    from metacenter.snapshot import parse_record, parse_tombstone
+
+    assert parse_record(["r", "c", "10.0.0.1", 5, 0, 100]) == ("r", "c", "10.0.0.1", 5, False, 100)
+    assert parse_record(["r", "x", "c", "10.0.0.1", 5, 1, 100]) == ("x", "c", "10.0.0.1", 5, True, 100)
+    assert parse_tombstone(["t", 2]) == ("t", 2)
+    assert parse_tombstone(["t", "x", 2, 100]) == ("x", 2)
