@@ -26,6 +26,7 @@ from twisted.web.http_headers import Headers
 
 from dns_server import DnsServer
 from metacenter import auth
+from metacenter.hashing import prompt_hashes
 from metacenter.replication import BytesProducer
 from nodeproc import NodeProcess, free_port, port_is_free
 from reference_node import ReferenceNode
@@ -252,6 +253,27 @@ async def test_mixed_operations_on_every_node_converge_to_the_truth(cluster):
     for status in statuses:
         assert {p["mode"] for p in status["peers"]} == {"batch"}
         assert all(p["failed"] == 0 and p["dropped"] == 0 for p in status["peers"]), status["peers"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cache_save_on_one_node_is_found_by_a_query_on_the_others(cluster):
+    text = bytes((13 * i) % 256 for i in range(3000))
+    hashes = prompt_hashes(text)
+    writer, *readers = cluster.nodes
+    code, answer = await cluster.call(writer, "POST", "/v1/cache/save",
+                                      {"cluster": "kv-cluster", "prompt_hash": hashes, "ip": "10.9.0.1"})
+    assert code == 200, answer
+    query = {"cluster": "kv-cluster", "prompt_hash": hashes[:4] + [12345], "topk": 10}
+    deadline = time.monotonic() + CONVERGENCE_DEADLINE
+    for reader in readers:
+        while True:
+            code, answer = await cluster.call(reader, "POST", "/v1/cache/query", query)
+            assert code == 200, answer
+            if answer["data"]["locations"]:
+                break
+            assert time.monotonic() < deadline, f"{reader.url} never saw the save"
+            await task.deferLater(reactor, 0.05, lambda: None)
+        assert answer["data"] == {"locations": [{"ip": "10.9.0.1", "length": 4}]}
 
 
 @pytest_twisted.ensureDeferred
