@@ -567,7 +567,7 @@ def targets(sections):
         add("p99 < 5 ms at half the maximum rate", "-", None)
     r = sections.get("rss")
     if r and not r.get("skipped"):
-        add(f"RSS ≤ 350 bytes per in-flight request at 100k",
+        add("RSS ≤ 350 bytes per in-flight request at 100k",
             f"{r['bytes_per_request']:,.0f} bytes at {r['requests']:,}", r["bytes_per_request"] <= 350)
     else:
         add("RSS ≤ 350 bytes per in-flight request at 100k", "-", None)

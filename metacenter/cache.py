@@ -26,7 +26,6 @@ per engine however busy it is; blocks whose whole bucket ended more than
 """
 
 import heapq
-import ipaddress
 import sys
 from collections import OrderedDict, deque
 

@@ -2,7 +2,6 @@
 
 import gc
 import os
-import sys
 
 from twisted.application import strports
 from twisted.application.internet import TimerService

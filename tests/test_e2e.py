@@ -5,7 +5,6 @@ import http.client
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import uuid
 

@@ -47,11 +47,8 @@ from schemathesis import checks as st_checks
 
 from tests.nodeproc import NodeProcess
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPENAPI_PATH = os.path.join(REPO, "metacenter", "openapi.json")
-
-with open(OPENAPI_PATH, encoding="utf-8") as _f:
-    DOCUMENT = json.load(_f)
+from openapi_document import DOCUMENT, REPO
+from openapi_document import resolve as _resolve
 
 HTTP_METHODS = ("get", "post", "put", "delete", "patch")
 MAX_EXAMPLES = int(os.environ.get("METACENTER_FUZZ_EXAMPLES", "100"))
@@ -90,13 +87,6 @@ SCHEMA_CHECKS = [
 ]
 
 
-def _resolve(obj):
-    while isinstance(obj, dict) and "$ref" in obj:
-        target = DOCUMENT
-        for part in obj["$ref"].lstrip("#/").split("/"):
-            target = target[part]
-        obj = target
-    return obj
 
 
 def _operation(method, path):

@@ -17,13 +17,10 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPENAPI_PATH = os.path.join(REPO, "metacenter", "openapi.json")
+from openapi_document import DOCUMENT, OPENAPI_PATH, REPO, resolve  # noqa: E402
+
 DOCS_PATH = os.path.join(REPO, "docs", "api.md")
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
-
-with open(OPENAPI_PATH, encoding="utf-8") as _f:
-    DOCUMENT = json.load(_f)
 
 # Answered with newline-delimited JSON (one SnapshotLine per line), not the
 # envelope, when they succeed.
@@ -34,13 +31,6 @@ READINESS_CHECKED = {"/v1/replica/snapshot", "/v1/replica/digest", "/v1/replica/
                      "/v1/replica/repair"}
 
 
-def resolve(obj):
-    while isinstance(obj, dict) and "$ref" in obj:
-        target = DOCUMENT
-        for part in obj["$ref"].lstrip("#/").split("/"):
-            target = target[part]
-        obj = target
-    return obj
 
 
 def operations():

@@ -10,7 +10,7 @@ from console.app import ConsoleApp
 from console.discovery import DnsTargets, FixedTargets
 from console.format import human_bytes
 from console.nodeclient import target_label
-from console.screens import ClusterScreen, NodesScreen, OverviewScreen
+from console.screens import ClusterScreen, OverviewScreen
 from console.source import HttpSource
 from console.state import DOWN, NOT_READY, SLOW, UP
 from helpers import call, static_text, table_row, table_rows, wait_until
