@@ -254,9 +254,13 @@ class AntiEntropy(Service):
         self._cooperator.stop()
         return super().stopService()
 
-    @defer.inlineCallbacks
     def round(self):
-        """One exchange with every peer, one after the other; never fails."""
+        """One exchange with every peer, one after the other; never fails
+        (a failure would stop the LoopingCall for good)."""
+        return self._round().addErrback(lambda f: log.failure("anti-entropy round failed", f))
+
+    @defer.inlineCallbacks
+    def _round(self):
         peers = sorted(self._peers())
         names = {format_peer(p) for p in peers}
         for gone in self._known - names:

@@ -855,3 +855,27 @@ def test_untagged_repair_entries_whose_id_is_a_tag_letter_are_read_as_ids():
     assert parse_record(["r", "x", "c", "10.0.0.1", 5, 1, 100]) == ("x", "c", "10.0.0.1", 5, True, 100)
     assert parse_tombstone(["t", 2]) == ("t", 2)
     assert parse_tombstone(["t", "x", 2, 100]) == ("x", 2)
+
+
+def test_an_anti_entropy_round_never_fails_into_its_loop():
+    from twisted.logger import globalLogPublisher
+
+    from harness import Harness
+    from metacenter.antientropy import AntiEntropy
+
+    node = Harness().node
+
+    def broken_peers():
+        raise RuntimeError("peer list broke")
+
+    anti_entropy = AntiEntropy(node, client=None, peers=broken_peers, clock=node.clock)
+    seen = []
+    observer = lambda e: seen.append(e) if e.get("log_failure") else None  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        results = []
+        anti_entropy.round().addBoth(results.append)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert results == [None]
+    assert any("peer list broke" in str(e["log_failure"].value) for e in seen)
