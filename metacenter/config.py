@@ -130,6 +130,22 @@ def host_port(text):
     return host, port_number(m.group(2) or m.group(4))
 
 
+def endpoint_description(text):
+    """A Twisted server endpoint description (tcp:8080, ssl:8443:privateKey=...),
+    checked now so that a typo stops the node with the option's name."""
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"expected an endpoint such as tcp:8080, got {text!r}")
+    try:
+        # Parsing only: the endpoint is built on a reactor that never listens.
+        serverFromString(MemoryReactor(), text)
+    except Exception as e:
+        raise ValueError(f"not a usable endpoint description ({e}): {text!r}") from None
+    return text
+
+
 def text_value(text):
     if not isinstance(text, str):
         raise ValueError(f"expected a string, got {text!r}")
@@ -164,7 +180,7 @@ class Setting:
 
 SETTINGS = (
     # -- the node ---------------------------------------------------------------
-    Setting("listen", text_value, "tcp:8080", "Twisted endpoint to serve the API on (e.g. tcp:8080, ssl:8443:...)."),
+    Setting("listen", endpoint_description, "tcp:8080", "Twisted endpoint to serve the API on (e.g. tcp:8080, ssl:8443:...)."),
     Setting("request-expire", positive_duration, 660.0,
             "A request older than this is removed as if deleted; engines and clusters idle this long go too.",
             env=("METADATA_CENTER_LOAD_REQ_EXPIRE",)),

@@ -131,6 +131,8 @@ def run_twistd(*args, env=None):
     (["--gc-interval", "-5s"], {}, "--gc-interval"),
     (["--max-body", "lots"], {}, "--max-body"),
     (["--log-level", "LOUD"], {}, "--log-level"),
+    (["--listen", "nonsense:1"], {}, "--listen"),
+    (["--listen", "tcp:notaport"], {}, "--listen"),
     ([], {"METADATA_CENTER_LOAD_GC_INTERVAL": "1x"}, "METADATA_CENTER_LOAD_GC_INTERVAL"),
     ([], {"REPLICA_CLIENT_TARGET_PORT": "99999"}, "--peer-port"),
     ([], {"POD_IP": "not-an-ip"}, "--advertise"),
