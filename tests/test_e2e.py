@@ -164,3 +164,14 @@ def test_config_file_and_precedence(tmp_path):
     bad.write_text("no-such-setting = 1\n")
     result = run_twistd("--listen", "tcp:0:interface=127.0.0.1", "--config", str(bad))
     assert result.returncode != 0 and "no-such-setting" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("access_log", [False, True])
+def test_access_log_is_off_unless_asked_for(access_log):
+    n = NodeProcess("127.0.0.1", None, *(["--access-log"] if access_log else []))
+    n.start()
+    try:
+        n.call("GET", "/v1/load/stats?cluster=access-log-probe")
+    finally:
+        n.stop()
+    assert ('"GET /v1/load/stats?cluster=access-log-probe HTTP/1.1" 200' in n.log()) == access_log, n.log()
