@@ -52,9 +52,8 @@ class LoadRoutes:
         """The cluster's serialised engine list, rebuilt only after a change,
         and then only the fragments of the engines that changed (the gateway
         mix changes one engine between two reads of a cluster)."""
-        cached = self._load_bodies.get(cluster.name)
-        if cached is not None and cached[0] == cluster.version:
-            return cached[1]
+        if cluster.wire[0] == cluster.version:
+            return cluster.wire[1]
         parts = []
         for engine in cluster.engines.values():
             wire = engine.wire
@@ -62,10 +61,7 @@ class LoadRoutes:
                 wire = engine.wire = (engine.version, envelope.dumps(engine.as_dict()))
             parts.append(wire[1])
         body = Raw(b"[" + b",".join(parts) + b"]")
-        # Forget the bodies of clusters that expired.
-        if len(self._load_bodies) > 2 * len(self.node.state.clusters) + 64:
-            self._load_bodies.clear()
-        self._load_bodies[cluster.name] = (cluster.version, body)
+        cluster.wire = (cluster.version, body)
         return body
 
     @endpoint("/v1/load/overview", ["GET"])
@@ -122,7 +118,6 @@ class MetacenterAPI(LoadRoutes, OperationsRoutes, ReplicaRoutes, CacheRoutes):
     def __init__(self, node, metrics):
         self.node = node
         self.metrics = metrics
-        self._load_bodies = {}  # cluster name -> (Cluster.version, serialised engine list)
         self._openapi = None
 
     def resource(self):

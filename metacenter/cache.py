@@ -134,10 +134,6 @@ class CacheIndex:
     def engine_count(self):
         return len(self._engines)
 
-    @property
-    def eviction_count(self):
-        return sum(self.evictions.values())
-
     def blocks_by_cluster(self):
         """{cluster: stored (engine, block) pairs}."""
         return {name: c.blocks for name, c in self._clusters.items()}

@@ -8,6 +8,9 @@ import time
 from twisted.internet import task
 
 from metacenter import __version__
+from metacenter.cache import CacheIndex
+from metacenter.metrics import CacheCollector, Metrics
+from metacenter.state import LoadState
 from metacenter.validation import LoadAdd, LoadDelete
 
 EVENT_ADD = "load.stats.set"
@@ -124,3 +127,19 @@ class Node:
             "clusters": [{"cluster": name, "engines": [e.as_dict() for e in c.engines.values()]}
                          for name, c in self.state.clusters.items()],
         }
+
+
+def build_node(clock, *, request_expire=660.0, tombstone_ttl=60.0, cache_engine_blocks=None, cache_ttl=None,
+               cache_max_blocks=None, advertise=""):
+    """A node with its load table, KV-cache index and metrics wired together:
+    the one place that does it (makeService, in-process tests)."""
+    state = LoadState(clock, request_expire=request_expire, tombstone_ttl=tombstone_ttl)
+    metrics = Metrics(state)
+    node = Node(state, clock, metrics, advertise=advertise)
+    limits = {name: value for name, value in (("engine_blocks", cache_engine_blocks), ("ttl", cache_ttl),
+                                              ("max_blocks", cache_max_blocks)) if value is not None}
+    node.cache = CacheIndex(clock, **limits)
+    # An engine that left the load table took its KV cache with it.
+    state.engine_removed_callbacks.append(node.cache.engine_removed)
+    metrics.registry.register(CacheCollector(node.cache))
+    return node

@@ -153,7 +153,7 @@ class Engine:
 class Cluster:
     """Engines of one cluster (a model), plus what replicas compare."""
 
-    __slots__ = ("name", "engines", "version", "live", "digest")
+    __slots__ = ("name", "engines", "version", "live", "digest", "wire")
 
     def __init__(self, name):
         self.name = name
@@ -162,6 +162,9 @@ class Cluster:
         # removed and re-created never repeats one); lets the HTTP layer cache
         # serialised bodies.
         self.version = 0
+        # (version, serialised engine list): kept by the HTTP layer, valid
+        # while versions match (like Engine.wire).
+        self.wire = (-1, None)
         # Live request count and XOR of their fingerprints: equal on two nodes
         # (almost surely) iff they hold the same live requests in the same state.
         self.live = 0

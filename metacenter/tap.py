@@ -14,12 +14,9 @@ from metacenter.antientropy import AntiEntropy
 from metacenter.api import MetacenterAPI
 from metacenter.auth import PeerAuthenticator
 from metacenter.discovery import PeerDiscovery
-from metacenter.cache import CacheIndex
-from metacenter.metrics import CacheCollector, Metrics
-from metacenter.node import Node
+from metacenter.node import build_node
 from metacenter.replication import PeerClient, Replicator, make_http_client
 from metacenter.site import MetacenterSite
-from metacenter.state import LoadState
 from metacenter.sweeper import Sweeper
 from metacenter.turns import chunk_per_turn
 from metacenter.warmstart import StallWatch, WarmStart
@@ -104,15 +101,11 @@ def makeService(options, reactor=None):
     cfg = options.resolved if hasattr(options, "resolved") else options
     logs.set_level(cfg.log_level)
 
-    state = LoadState(reactor, request_expire=cfg.request_expire, tombstone_ttl=cfg.tombstone_ttl)
-    metrics = Metrics(state)
-    node = Node(state, reactor, metrics, advertise=",".join(cfg.advertise))
+    node = build_node(reactor, request_expire=cfg.request_expire, tombstone_ttl=cfg.tombstone_ttl,
+                      cache_engine_blocks=cfg.cache_engine_blocks, cache_ttl=cfg.cache_ttl,
+                      cache_max_blocks=cfg.cache_max_blocks, advertise=",".join(cfg.advertise))
     node.cooperate = chunk_per_turn(reactor).cooperate
-    node.cache = CacheIndex(reactor, engine_blocks=cfg.cache_engine_blocks, ttl=cfg.cache_ttl,
-                            max_blocks=cfg.cache_max_blocks)
-    # An engine that left the load table took its KV cache with it.
-    state.engine_removed_callbacks.append(node.cache.engine_removed)
-    metrics.registry.register(CacheCollector(node.cache))
+    state, metrics = node.state, node.metrics
     api = MetacenterAPI(node, metrics)
 
     top = MultiService()
@@ -128,6 +121,4 @@ def makeService(options, reactor=None):
     # cyclic collector's way, so full collections only walk what is new.
     gc.collect()
     gc.freeze()
-    top.api = api
-    top.node = node
     return top

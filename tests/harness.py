@@ -8,22 +8,15 @@ from treq.testing import StubTreq
 from twisted.internet.task import Clock
 
 from metacenter.api import MetacenterAPI
-from metacenter.cache import CacheIndex
-from metacenter.metrics import CacheCollector, Metrics
-from metacenter.node import Node
-from metacenter.state import LoadState
+from metacenter.node import build_node
 
 
 class Harness:
     def __init__(self, request_expire=660.0, through_klein=False, engine_blocks=16384):
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
-        self.state = LoadState(self.clock, request_expire=request_expire)
-        self.metrics = Metrics(self.state)
-        self.node = Node(self.state, self.clock, self.metrics)
-        self.node.cache = self.cache = CacheIndex(self.clock, engine_blocks=engine_blocks)
-        self.state.engine_removed_callbacks.append(self.cache.engine_removed)
-        self.metrics.registry.register(CacheCollector(self.cache))
+        self.node = build_node(self.clock, request_expire=request_expire, cache_engine_blocks=engine_blocks)
+        self.state, self.metrics, self.cache = self.node.state, self.node.metrics, self.node.cache
         self.api = MetacenterAPI(self.node, self.metrics)
         # The node serves through RoutingResource (Klein's table, dispatched
         # directly); the same tests run through Klein's own resource to prove

@@ -23,11 +23,9 @@ from metacenter.antientropy import AntiEntropy, HORIZON_FRACTION
 from metacenter.api import MetacenterAPI
 from metacenter.auth import PeerAuthenticator
 from metacenter.discovery import PeerDiscovery
-from metacenter.metrics import Metrics
-from metacenter.node import EVENT_ADD, EVENT_DELETE, EVENT_PROMPT_DELETE, ORIGIN_CLIENT, Node
+from metacenter.node import EVENT_ADD, EVENT_DELETE, EVENT_PROMPT_DELETE, ORIGIN_CLIENT, build_node
 from metacenter.replication import MODE_BATCH, MODE_SINGLE, PeerClient, Replicator, make_http_client
 from metacenter.site import MetacenterSite
-from metacenter.state import LoadState
 from metacenter.validation import LoadAdd, LoadDelete
 from reference_node import ReferenceNode
 
@@ -41,9 +39,8 @@ class LocalNode:
 
     def __init__(self, clock=None, secret="", tombstone_ttl=60.0, max_body=65536):
         self.clock = clock if clock is not None else reactor
-        self.state = LoadState(self.clock, tombstone_ttl=tombstone_ttl)
-        self.metrics = Metrics(self.state)
-        self.node = Node(self.state, self.clock, self.metrics, advertise="127.0.0.1")
+        self.node = build_node(self.clock, tombstone_ttl=tombstone_ttl, advertise="127.0.0.1")
+        self.state, self.metrics = self.node.state, self.node.metrics
         self.api = MetacenterAPI(self.node, self.metrics)
         if secret:
             self.api.peer_auth = PeerAuthenticator(secret, self.clock)
