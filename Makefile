@@ -15,10 +15,12 @@ $(BIN)/python:
 # A regular (not editable) install: `pip install -e .` hides twisted/plugins
 # from twistd.
 $(STAMP): $(BIN)/python $(SOURCES)
+	rm -rf build
 	$(BIN)/pip install -q .
 	@touch $@
 
 $(TEST_STAMP): $(BIN)/python $(SOURCES)
+	rm -rf build
 	$(BIN)/pip install -q ".[test]"
 	@touch $@ $(STAMP)
 

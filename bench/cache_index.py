@@ -19,8 +19,8 @@ import sys
 import time
 import tracemalloc
 
-from metacenter.cache import CacheIndex
-from metacenter.hashing import prompt_hashes
+from metacenter.core.cache import CacheIndex
+from metacenter.core.hashing import prompt_hashes
 
 
 class FixedClock:

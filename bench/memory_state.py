@@ -42,7 +42,7 @@ if __package__ in (None, ""):  # path form: make the repository importable
 
 from twisted.internet.task import Clock  # noqa: E402
 
-from metacenter.state import EXPIRE_CHUNK, LoadState  # noqa: E402
+from metacenter.core.load import EXPIRE_CHUNK, LoadState  # noqa: E402
 
 DEFAULT_SIZES = (100_000, 1_000_000)
 TARGET_RSS_PER_REQUEST = 350

@@ -90,7 +90,7 @@ def measure(quick, seconds, log, sender_args=(), pin=True):
     from twisted.web.client import Agent, HTTPConnectionPool
     from twisted.web.http_headers import Headers
 
-    from metacenter.replication import BytesProducer
+    from metacenter.cluster.replication import BytesProducer
     import treq
 
     cores = servers.Cores(pin=pin)

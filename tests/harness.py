@@ -7,8 +7,8 @@ import pytest_twisted
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
 
-from metacenter.api import MetacenterAPI
-from metacenter.node import build_node
+from metacenter.api.server import MetacenterAPI
+from metacenter.runtime.node import build_node
 
 
 class Harness:

@@ -16,8 +16,8 @@ def test_configuration_table_is_current():
 
 
 def test_every_setting_is_an_option_of_twistd_metacenter():
-    from metacenter.config import SETTINGS
-    from metacenter.tap import Options
+    from metacenter.runtime.config import SETTINGS
+    from metacenter.runtime.tap import Options
 
     options = Options()
     help_text = str(options)

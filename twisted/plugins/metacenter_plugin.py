@@ -2,7 +2,7 @@ from twisted.application.service import ServiceMaker
 
 metacenter = ServiceMaker(
     "metacenter",
-    "metacenter.tap",
+    "metacenter.runtime.tap",
     "Metadata center for AI inference clusters: engine load and KV-cache locations.",
     "metacenter",
 )

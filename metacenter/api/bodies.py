@@ -1,0 +1,139 @@
+"""Request bodies -> core events: the only place where JSON meets the core.
+
+Every reason names the JSON field and what was expected; the field checks
+themselves are the core's (``metacenter.core.fields``), which raise
+``InvalidInput`` (mapped to a 400 by ``api.endpoint``). Replicated events go
+through the same functions as client requests.
+"""
+
+import json
+
+from metacenter.core.cache import IPS_MAX_ITEMS, PROMPT_HASH_MAX_ITEMS, TOPK_DEFAULT, TOPK_MAX
+from metacenter.core.errors import InvalidInput
+from metacenter.core.events import CacheSave, LoadAdd, LoadDelete
+from metacenter.core.fields import (INT32_MAX, canonical_ip, int_field, ip_field, json_type, required_string,
+                                    timestamp_field, uint64_list)
+from metacenter.api.envelope import invalid_json
+
+_loads = json.JSONDecoder().decode
+
+
+def parse_json_object(body):
+    """bytes -> dict, or a 400 that says why. Any Content-Type is accepted:
+    the gateway sends DELETE bodies without one."""
+    if not body or not body.strip():
+        raise invalid_json("request body is empty; expected a JSON object")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid_json("request body is not valid UTF-8") from None
+    try:
+        value = _loads(text)
+    except ValueError as e:
+        raise invalid_json(f"malformed JSON: {e}") from None
+    except RecursionError:
+        raise invalid_json("malformed JSON: nested too deeply") from None
+    if not isinstance(value, dict):
+        raise invalid_json(f"expected a JSON object, got {json_type(value)}")
+    return value
+
+
+def load_add(obj):
+    """POST /v1/load/stats and replicated ``load.stats.set`` -> ``LoadAdd``.
+
+    ``{"cluster": str, "request_id": str, "ip": str, "prompt_length"?: int
+    bytes in [0, 2^31-1] (default 0), "timestamp"?: int ns}`` (WIRE.md 2)."""
+    return LoadAdd((
+        required_string(obj, "cluster"),
+        required_string(obj, "request_id"),
+        ip_field(obj, "ip"),
+        int_field(obj, "prompt_length", 0, INT32_MAX, default=0),
+        timestamp_field(obj),
+    ))
+
+
+def load_delete(obj):
+    """DELETE /v1/load/stats and /v1/load/prompt -> ``LoadDelete``: only
+    request_id counts; the gateway also sends its other (empty) fields, which
+    are ignored."""
+    return LoadDelete((required_string(obj, "request_id"), timestamp_field(obj)))
+
+
+def cluster_query(args):
+    """GET /v1/load/stats?cluster=NAME (args: Twisted's request.args)."""
+    values = args.get(b"cluster")
+    if not values or not values[0]:
+        raise InvalidInput("query parameter 'cluster' is required and must not be empty")
+    try:
+        return values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput("query parameter 'cluster' is not valid UTF-8") from None
+
+
+LOG_LEVEL_REASON = "log LevelParam can only be [TRACE DEBUG INFO WARN ERROR FATAL]"
+
+
+def log_level(obj):
+    """POST /log/level ``{"LevelParam": "TRACE"|...|"FATAL"}`` -> the name;
+    the reference's own reason otherwise."""
+    from metacenter.runtime.config import LOG_LEVELS
+
+    value = obj.get("LevelParam")
+    if not isinstance(value, str) or value not in LOG_LEVELS:
+        raise InvalidInput(LOG_LEVEL_REASON)
+    return value
+
+
+def hash_list(obj, name="prompt_hash", allow_empty=True):
+    """``obj[name]``: a JSON array of unsigned 64-bit block hashes."""
+    return uint64_list(obj.get(name), name, PROMPT_HASH_MAX_ITEMS, allow_empty)
+
+
+def _ip_list(obj, name):
+    """An optional array of IP addresses, canonical form; None when absent."""
+    value = obj.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise InvalidInput(f"field '{name}' must be an array of IP addresses, got {json_type(value)}")
+    if len(value) > IPS_MAX_ITEMS:
+        raise InvalidInput(f"field '{name}' has {len(value)} items; at most {IPS_MAX_ITEMS} are allowed")
+    ips = []
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise InvalidInput(f"field '{name}' item {index} must be an IP address string, got {json_type(item)}")
+        try:
+            ips.append(canonical_ip(item))
+        except ValueError:
+            raise InvalidInput(f"field '{name}' item {index} must be an IPv4 or IPv6 address, got {item!r}") from None
+    return ips
+
+
+def parse_cache_save(obj):
+    """POST /v1/cache/save and replicated ``cache.save`` -> ``CacheSave``.
+    An empty prompt_hash is a 400: there is nothing to save."""
+    return CacheSave((
+        required_string(obj, "cluster"),
+        hash_list(obj, "prompt_hash", allow_empty=False),
+        ip_field(obj, "ip"),
+    ))
+
+
+def parse_cache_query(obj):
+    """POST /v1/cache/query -> (cluster, hashes, topk). An empty prompt_hash
+    is valid and matches nothing; topk defaults to the gateway's 10."""
+    return (
+        required_string(obj, "cluster"),
+        hash_list(obj, "prompt_hash"),
+        int_field(obj, "topk", 1, TOPK_MAX, default=TOPK_DEFAULT),
+    )
+
+
+def parse_route_score(obj):
+    """POST /v1/route/score -> (cluster, hashes, ips or None). ``ips``
+    restricts the scored engines (the gateway's candidates)."""
+    return (
+        required_string(obj, "cluster"),
+        hash_list(obj, "prompt_hash"),
+        _ip_list(obj, "ips"),
+    )

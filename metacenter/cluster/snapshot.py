@@ -1,0 +1,217 @@
+"""The state on the wire between nodes: snapshots (warm start) and record
+streams (anti-entropy), one JSON value per line.
+
+    {"snapshot":1,"node":"10.0.0.5","time":<ns>}                 header
+    ["r",request_id,cluster,ip,prompt_length,prompt_deleted,created_s]   a live request
+    ["t",request_id,kind,created_s]                               a tombstone (1 prompt, 2 deleted)
+    ["c",cluster,ip,[hash,...]]                                    KV-cache blocks of an engine
+    {"end":true,"requests":n,"tombstones":n,"cache_engines":n}    the stream is complete
+
+The sender writes it in chunks of at most ``CHUNK`` entries looked at, one
+chunk per producer step, under the HTTP connection's back-pressure, so a
+million requests never stall the reactor nor fill memory with one body. The
+receiver validates every entry like a client request before merging it;
+``created_s`` carries the request's birth, so expiry deadlines travel along.
+"""
+
+import json
+from itertools import islice
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IPullProducer
+from zope.interface import implementer
+
+from metacenter.core.errors import InvalidInput
+from metacenter.core.fields import INT32_MAX, int_field, ip_field, is_uint64, required_string
+from metacenter.core.load import TOMB_DELETED, TOMB_PROMPT
+
+FORMAT = 1
+CHUNK = 1000
+
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_decode = json.JSONDecoder().decode
+
+
+# -- encoding --------------------------------------------------------------------
+
+
+def record_entry(record):
+    request_id, cluster, ip, prompt_length, prompt_deleted, created_s = record
+    return ["r", request_id, cluster, ip, prompt_length, 1 if prompt_deleted else 0, created_s]
+
+
+def _lines(entries):
+    return "".join(_encode(e) + "\n" for e in entries).encode("utf-8")
+
+
+def state_chunks(node, clusters=None, tombstones=True, cache=True, keep=None):
+    """bytes chunks of a snapshot of ``node``: everything, or the live requests
+    of the given clusters only (``clusters`` a set, for anti-entropy), and of
+    those only the records for which ``keep(record)`` is true."""
+    state = node.state
+    yield _lines([{"snapshot": FORMAT, "node": node.advertise, "time": int(node.clock.seconds() * 1e9)}])
+    counts = {"requests": 0, "tombstones": 0, "cache_engines": 0}
+    requests = state.iter_requests()
+    while True:
+        looked = list(islice(requests, CHUNK))
+        if not looked:
+            break
+        if clusters is not None:
+            looked = [r for r in looked if r[1] in clusters]
+        if keep is not None:
+            looked = [r for r in looked if keep(r)]
+        counts["requests"] += len(looked)
+        yield _lines(record_entry(r) for r in looked)
+    if tombstones:
+        stones = state.iter_tombstones()
+        while True:
+            looked = list(islice(stones, CHUNK))
+            if not looked:
+                break
+            counts["tombstones"] += len(looked)
+            yield _lines(["t", request_id, kind, created_s] for request_id, kind, created_s in looked)
+    index = node.cache if cache and clusters is None else None
+    if index is not None and hasattr(index, "iter_snapshot"):
+        engines = index.iter_snapshot()
+        while True:
+            looked = list(islice(engines, max(1, CHUNK // 100)))  # an engine holds many hashes
+            if not looked:
+                break
+            counts["cache_engines"] += len(looked)
+            yield _lines(["c", cluster, ip, hashes] for cluster, ip, hashes in looked)
+    yield _lines([dict(end=True, **counts)])
+
+
+@implementer(IPullProducer)
+class ChunkProducer:
+    """Writes ``chunks`` to a twisted.web request, one per ``resumeProducing``
+    (the connection asks again when it has room); ``done`` fires when the
+    stream ended or the client went away."""
+
+    def __init__(self, request, chunks):
+        self._request = request
+        self._chunks = chunks
+        self.done = defer.Deferred()
+
+    def start(self):
+        self._request.registerProducer(self, False)
+        return self.done
+
+    def resumeProducing(self):
+        if self.done.called:
+            return
+        try:
+            chunk = next(self._chunks, None)
+        except Exception:
+            self._request.unregisterProducer()
+            self.done.errback()
+            return
+        if chunk is None:
+            self._request.unregisterProducer()
+            self.done.callback(None)
+        elif chunk:
+            self._request.write(chunk)
+
+    def stopProducing(self):
+        if not self.done.called:
+            self.done.callback(None)
+
+
+# -- decoding --------------------------------------------------------------------
+
+
+def parse_record(item):
+    """A ``["r", ...]`` entry (or the same without the tag) -> the record
+    tuple, validated like a client's add; InvalidInput otherwise."""
+    # Tagged entries are one longer, so an untagged request id "r" is not a tag.
+    if isinstance(item, list) and len(item) == 7 and item[0] == "r":
+        item = item[1:]
+    if not isinstance(item, list) or len(item) != 6:
+        raise InvalidInput("a record must be [request_id, cluster, ip, prompt_length, prompt_deleted, created_s]")
+    request_id, cluster, ip, prompt_length, prompt_deleted, created_s = item
+    fields = {"request_id": request_id, "cluster": cluster, "ip": ip, "prompt_length": prompt_length}
+    request_id, cluster = required_string(fields, "request_id"), required_string(fields, "cluster")
+    ip, prompt_length = ip_field(fields), int_field(fields, "prompt_length", 0, INT32_MAX, default=0)
+    if prompt_deleted not in (0, 1) or isinstance(prompt_deleted, float):
+        raise InvalidInput("field 'prompt_deleted' of a record must be 0 or 1")
+    if created_s is not None and (isinstance(created_s, bool) or not isinstance(created_s, int) or created_s < 0):
+        raise InvalidInput("field 'created_s' of a record must be a non-negative integer")
+    return (request_id, cluster, ip, prompt_length, bool(prompt_deleted), created_s)
+
+
+def parse_tombstone(item):
+    """``["t", id, kind, created_s]`` or ``[id, kind]`` -> (request_id, kind)."""
+    if isinstance(item, list) and len(item) == 4 and item[0] == "t":
+        item = item[1:3]
+    if not isinstance(item, list) or len(item) != 2:
+        raise InvalidInput("a tombstone must be [request_id, kind]")
+    request_id = required_string({"request_id": item[0]}, "request_id")
+    kind = item[1]
+    if kind not in (TOMB_PROMPT, TOMB_DELETED) or isinstance(kind, bool):
+        raise InvalidInput(f"field 'kind' of a tombstone must be {TOMB_PROMPT} or {TOMB_DELETED}")
+    return request_id, kind
+
+
+def parse_cache_entry(item):
+    """``["c", cluster, ip, [hashes]]`` -> (cluster, ip, hashes)."""
+    if len(item) != 4:
+        raise InvalidInput("a cache entry must be [\"c\", cluster, ip, hashes]")
+    _, cluster, ip, hashes = item
+    fields = {"cluster": cluster, "ip": ip}
+    cluster, ip = required_string(fields, "cluster"), ip_field(fields)
+    if not isinstance(hashes, list) or not all(map(is_uint64, hashes)):
+        raise InvalidInput("field 'hashes' of a cache entry must be an array of unsigned 64-bit integers")
+    return cluster, ip, hashes
+
+
+def decode_line(line):
+    try:
+        return _decode(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidInput("a snapshot line is not valid JSON") from None
+
+
+class SnapshotMerger:
+    """Merges a peer's snapshot, line by line, into a node: every entry is
+    an order-insensitive merge, so events arriving meanwhile (or a second
+    snapshot after a broken one) never count twice."""
+
+    def __init__(self, node, listed=None):
+        self._node = node
+        self.listed = listed  # a set: the ids of the peer's live requests go in it
+        self.complete = False
+        self.merged = {"requests": 0, "tombstones": 0, "cache_engines": 0}
+        self.invalid = 0
+        self.first_error = None
+        self.expected = None
+
+    def line(self, raw):
+        entry = decode_line(raw)
+        if isinstance(entry, dict):
+            if entry.get("end") is True:
+                self.complete = True
+                self.expected = entry
+            elif entry.get("snapshot") != FORMAT:
+                raise InvalidInput(f"unknown snapshot format {entry.get('snapshot')!r}")
+            return
+        try:
+            tag = entry[0] if isinstance(entry, list) and entry else None
+            if tag == "r":
+                record = parse_record(entry)
+                self._node.merge_record(*record)
+                if self.listed is not None:
+                    self.listed.add(record[0])
+                self.merged["requests"] += 1
+            elif tag == "t":
+                self._node.merge_tombstone(*parse_tombstone(entry))
+                self.merged["tombstones"] += 1
+            elif tag == "c":
+                if self._node.cache is not None:
+                    self._node.cache.apply_snapshot(*parse_cache_entry(entry))
+                self.merged["cache_engines"] += 1
+            else:
+                raise InvalidInput("unknown snapshot entry")
+        except InvalidInput as e:
+            self.invalid += 1
+            if self.first_error is None:
+                self.first_error = e.reason

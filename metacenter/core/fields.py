@@ -1,0 +1,134 @@
+"""Checks of single decoded values (from a JSON body, a replicated event or a
+snapshot line): one place for each rule, every reason naming the field and
+what was expected. Raises ``InvalidInput``; knows nothing of HTTP.
+"""
+
+import ipaddress
+
+from metacenter.core.errors import InvalidInput
+
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+UINT64_MAX = 2**64 - 1
+
+
+def json_type(value: object) -> str:
+    """The JSON name of a decoded value's type, for reasons."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def checked_text(value: str, name: str) -> str:
+    """``value`` unless it holds a lone surrogate (JSON can carry ``\\ud800``;
+    UTF-8 cannot, so it would fail later, when written)."""
+    if not value.isascii() and any("\ud800" <= c <= "\udfff" for c in value):
+        raise InvalidInput(f"field '{name}' must be valid Unicode text, got a lone surrogate escape (\\ud800-\\udfff)")
+    return value
+
+
+def required_string(obj: dict, name: str) -> str:
+    """``obj[name]``: a non-empty string of valid Unicode text."""
+    value = obj.get(name)
+    if value is None:
+        raise InvalidInput(f"field '{name}' is required")
+    if not isinstance(value, str):
+        raise InvalidInput(f"field '{name}' must be a string, got {json_type(value)}")
+    if not value:
+        raise InvalidInput(f"field '{name}' must not be empty")
+    return checked_text(value, name)
+
+
+_canonical_ips = {}  # text -> canonical form; engines are few, parsing is not cheap
+_CANONICAL_IPS_MAX = 65536
+
+
+def canonical_ip(text: str) -> str:
+    """An IPv4 or IPv6 address in canonical form, so two spellings of one
+    engine are one engine; ValueError otherwise. IPv6 zones (fe80::1%eth0)
+    are refused: they only mean something on one host."""
+    canonical = _canonical_ips.get(text)
+    if canonical is not None:
+        return canonical
+    if "%" in text:
+        raise ValueError(text)
+    canonical = str(ipaddress.ip_address(text))
+    if len(_canonical_ips) >= _CANONICAL_IPS_MAX:
+        _canonical_ips.clear()
+    _canonical_ips[text] = canonical
+    return canonical
+
+
+def ip_value(value: str, name: str) -> str:
+    """A string already known to be one, as a canonical IPv4/IPv6 address."""
+    try:
+        # The reference takes IPv4 only; IPv6 is an improvement.
+        return canonical_ip(value)
+    except ValueError:
+        raise InvalidInput(f"field '{name}' must be an IPv4 or IPv6 address, got {value!r}") from None
+
+
+def ip_field(obj: dict, name: str = "ip") -> str:
+    """``obj[name]``: a required IP address, canonical form."""
+    return ip_value(required_string(obj, name), name)
+
+
+def int_field(obj: dict, name: str, minimum: int, maximum: int, default: int | None = None) -> int:
+    """``obj[name]``: an integer in [minimum, maximum]; ``default`` when
+    absent or null (required when ``default`` is None). A JSON boolean is
+    not an integer, though Python's bool is an int."""
+    value = obj.get(name)
+    if value is None:
+        if default is None:
+            raise InvalidInput(f"field '{name}' is required")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"field '{name}' must be an integer in [{minimum}, {maximum}], got {json_type(value)}")
+    if not minimum <= value <= maximum:
+        raise InvalidInput(f"field '{name}' must be an integer in [{minimum}, {maximum}], got {value}")
+    return value
+
+
+def timestamp_field(obj: dict) -> int | None:
+    """Optional sender timestamp, ns since the epoch; None when absent."""
+    if obj.get("timestamp") is None:
+        return None
+    return int_field(obj, "timestamp", 0, INT64_MAX)
+
+
+def is_uint64(value: object) -> bool:
+    """Whether ``value`` is an int (not a bool) in [0, 2^64-1]."""
+    return type(value) is int and 0 <= value <= UINT64_MAX
+
+
+_JUST_INT = {int}
+
+
+def uint64_list(value: object, name: str, max_items: int, allow_empty: bool = True) -> list:
+    """A list of unsigned 64-bit integers (prompt block hashes, the full
+    range as JSON numbers); floats, strings, booleans, negatives and values
+    >= 2^64 are refused naming the item."""
+    if value is None:
+        raise InvalidInput(f"field '{name}' is required")
+    if not isinstance(value, list):
+        raise InvalidInput(f"field '{name}' must be an array of unsigned 64-bit integers, got {json_type(value)}")
+    if not value and not allow_empty:
+        raise InvalidInput(f"field '{name}' must not be empty")
+    if len(value) > max_items:
+        raise InvalidInput(f"field '{name}' has {len(value)} items; at most {max_items} are allowed")
+    # Fast path for the common, valid case; the slow one finds the culprit.
+    if not value or (set(map(type, value)) == _JUST_INT and min(value) >= 0 and max(value) <= UINT64_MAX):
+        return value
+    for index, item in enumerate(value):
+        if not is_uint64(item):
+            shown = item if type(item) in (int, float) else json_type(item)
+            raise InvalidInput(f"field '{name}' item {index} must be an unsigned 64-bit integer, got {shown}")
+    raise AssertionError("unreachable: the fast path refused a valid list")

@@ -1,0 +1,77 @@
+"""Logging: twisted.logger everywhere, behind one level filter that
+POST /log/level changes live.
+
+Our modules log through ``logger(namespace)``; those events pass a
+``FilteringLogObserver`` whose predicate holds the current level, then reach
+the global publisher (and so twistd's log). Twisted's own events are unaffected.
+"""
+
+from twisted.logger import (
+    FilteringLogObserver,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogPublisher,
+)
+
+# The wire's level names; Twisted has no TRACE and calls FATAL "critical".
+WIRE_LEVELS = {
+    "TRACE": LogLevel.debug,
+    "DEBUG": LogLevel.debug,
+    "INFO": LogLevel.info,
+    "WARN": LogLevel.warn,
+    "ERROR": LogLevel.error,
+    "FATAL": LogLevel.critical,
+}
+
+_predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
+_filtered = FilteringLogObserver(lambda event: globalLogPublisher(event), [_predicate])
+_current = ["INFO"]
+
+
+def logger(namespace):
+    return Logger(namespace=namespace, observer=_filtered)
+
+
+def set_level(wire_name):
+    _predicate.setLogLevelForNamespace(None, WIRE_LEVELS[wire_name])
+    _current[0] = wire_name
+
+
+def current_level():
+    return _current[0]
+
+
+def enabled(level):
+    """Cheap check before building an expensive log event."""
+    return level >= _predicate.logLevelForNamespace(None)
+
+
+class ThrottledLog:
+    """Logs a recurring condition at most once per ``interval`` seconds per
+    key (and at once when the key's reason changes), through a level-filtered
+    ``logger``: one lost peer or one bad client must not flood the log.
+
+    ``clock`` provides ``seconds()``. ``emit(key, reason, method, format,
+    **fields)`` calls ``logger.<method>(format, **fields)`` when due and
+    returns whether it did; ``reset(key)`` forgets a condition that ended, so
+    its next occurrence is logged at once.
+    """
+
+    def __init__(self, logger, clock, interval):
+        self._logger = logger
+        self._clock = clock
+        self._interval = interval
+        self._last = {}  # key -> (seconds, reason); keys are few (peers, routes)
+
+    def emit(self, key, reason, method, format, **fields):
+        now = self._clock.seconds()
+        previous = self._last.get(key)
+        if previous is not None and previous[1] == reason and now - previous[0] < self._interval:
+            return False
+        self._last[key] = (now, reason)
+        getattr(self._logger, method)(format, **fields)
+        return True
+
+    def reset(self, key):
+        self._last.pop(key, None)
