@@ -1,4 +1,5 @@
 # metacenter node: twistd metacenter on :8080 as a non-root user.
+# Linted by hadolint in `make test` (tests/deploy/test_manifests.py): no findings.
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY setup.py README.md ./
