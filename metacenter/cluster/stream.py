@@ -28,6 +28,9 @@ Wire. Messages are length-prefixed (4 bytes, big-endian;
     either
       E error      UTF-8 reason; the side sending it closes the connection
 
+The receiver answers a valid proof with ``A`` at the start offset; the sender
+counts the connection as established, and sends frames, from then on.
+
 Handshake (challenge-response, both sides). Ns and Nr are 16 fresh random
 bytes of each connection. The receiver proves itself with
 HMAC-SHA256(secret, "metacenter-stream-v1\\nreceiver\\n" Ns Nr S R L applied),
@@ -194,6 +197,12 @@ def _proof_field(obj, what):
     if not isinstance(value, str) or len(value) > 64:
         raise ProtocolError(f"{what}: field 'proof' must be a string of at most 64 hex digits")
     return value
+
+
+def _offset_message(message, what):
+    if len(message) != _OFFSET.size:
+        raise ProtocolError(f"malformed {what}: expected an 8-byte offset")
+    return _OFFSET.unpack(message)[1]
 
 
 def _check_version(obj, what):
@@ -391,6 +400,7 @@ class ReceiverProtocol(Int32StringReceiver):
             factory._gap(self, applied, start)
         self.expected = start
         factory._streaming(self)
+        self.transport.write(_PREFIX.pack(9) + _OFFSET.pack(ACK, start))  # welcome: streaming may begin
 
     # -- streaming ---------------------------------------------------------------
 
@@ -441,8 +451,8 @@ class ReceiverProtocol(Int32StringReceiver):
     def _peer_error(self, message):
         reason = message[1:301].decode("utf-8", "replace")
         self.factory.throttled.emit(("error", self.peer_node), reason, "warn",
-                                    "replication sender {peer} closed its stream: {reason}",
-                                    peer=self.peer_node or self._peer_address(), reason=reason)
+                                    "replication sender {peer} closed its stream: {error}",
+                                    peer=self.peer_node or self._peer_address(), error=reason)
         self.state = "closed"
         self.transport.loseConnection()
 
@@ -452,8 +462,8 @@ class ReceiverProtocol(Int32StringReceiver):
         if self.state != "streaming":
             self.factory.handshake_failures += 1
         self.factory.throttled.emit(("fail", self._peer_address()), reason, "warn",
-                                    "closed a replication stream from {peer} ({address}): {reason}",
-                                    peer=self.peer_node or "?", address=self._peer_address(), reason=reason)
+                                    "closed a replication stream from {peer} ({address}): {error}",
+                                    peer=self.peer_node or "?", address=self._peer_address(), error=reason)
         self.close(reason)
 
     def close(self, reason):
@@ -582,8 +592,9 @@ class SenderProtocol(Int32StringReceiver):
 
     def __init__(self, link):
         self.link = link
-        self.state = "challenge"  # -> "streaming"; "closed"
+        self.state = "challenge"  # -> "welcome" -> "streaming"; "closed"
         self._nonce = new_nonce()
+        self.start = None
         self.peer_node = None
         self.failure_reason = None
         self._timeout = None
@@ -597,7 +608,7 @@ class SenderProtocol(Int32StringReceiver):
 
     def _handshake_timed_out(self):
         self._timeout = None
-        if self.state == "challenge":
+        if self.state in ("challenge", "welcome"):
             self.fail(f"no answer to the handshake within {self.link.owner.handshake_timeout:g} s")
 
     def stringReceived(self, message):
@@ -606,9 +617,9 @@ class SenderProtocol(Int32StringReceiver):
         kind = message[:1]
         try:
             if kind == ACK and self.state == "streaming":
-                if len(message) != _OFFSET.size:
-                    raise ProtocolError("malformed ack: expected an 8-byte offset")
-                self.link._acked(_OFFSET.unpack(message)[1])
+                self.link._acked(_offset_message(message, "ack"))
+            elif kind == ACK and self.state == "welcome":
+                self._welcome(_offset_message(message, "welcome"))
             elif kind == REJECTED and self.state == "streaming":
                 self.link._rejected(_json_message(message, "rejection notice"))
             elif kind == CHALLENGE and self.state == "challenge":
@@ -632,10 +643,15 @@ class SenderProtocol(Int32StringReceiver):
         log_id = owner.log.log_id
         verify(owner.secrets, _proof_field(challenge, "challenge"), b"receiver", self._nonce, receiver_nonce,
                owner.node_id, self.peer_node, log_id, applied)
-        start = self.link._handshake(self, applied)  # InvalidInput: a claim beyond our end
+        self.start = self.link._handshake(self, applied)  # InvalidInput: a claim beyond our end
         answer = {"proof": sign(owner.secrets, b"sender", self._nonce, receiver_nonce, owner.node_id,
-                                self.peer_node, log_id, start), "start": start}
+                                self.peer_node, log_id, self.start), "start": self.start}
         self.sendString(PROOF + _encode(answer).encode("ascii"))
+        self.state = "welcome"
+
+    def _welcome(self, offset):
+        if offset != self.start:
+            raise ProtocolError(f"welcomed at offset {offset}, the stream starts at {self.start}")
         self.state = "streaming"
         self.MAX_LENGTH = MAX_MESSAGE_BYTES
         if self._timeout is not None and self._timeout.active():
@@ -719,6 +735,7 @@ class PeerStream:
         self.failures = 0
         self.last_error = None
         self._outcome = None
+        self._gap = 0
         self._throttled = ThrottledLog(log, owner.clock, LOG_INTERVAL)
 
     # -- connecting --------------------------------------------------------------
@@ -754,8 +771,8 @@ class PeerStream:
         self.failures += 1
         self.last_error = reason
         self._throttled.emit("failing", reason, "warn",
-                             "replication stream to {peer} failing ({reason}); retrying with back-off, "
-                             "{lag} events waiting", peer=self.name, reason=reason, lag=self.cursor.lag_events())
+                             "replication stream to {peer} failing ({error}); retrying with back-off, "
+                             "{lag} events waiting", peer=self.name, error=reason, lag=self.cursor.lag_events())
         self._schedule_retry()
 
     def _schedule_retry(self):
@@ -767,19 +784,19 @@ class PeerStream:
 
     def _handshake(self, protocol, applied):
         """The receiver's offset -> where this connection starts."""
-        start, outcome, gap = self.cursor.restart(applied)
-        if outcome == RESUMED:
-            self.resumes += 1
-        elif outcome == FRESH:
-            self.fresh_starts += 1
-        # REPAIR was counted when the cursor fell off (on_fell_behind).
-        if gap:
-            self.gaps_sent += 1
-        self._outcome = outcome
+        start, self._outcome, self._gap = self.cursor.restart(applied)
         return start
 
     def _streaming(self, protocol):
+        """The receiver accepted the handshake."""
         self.protocol = protocol
+        if self._outcome == RESUMED:
+            self.resumes += 1
+        elif self._outcome == FRESH:
+            self.fresh_starts += 1
+        # REPAIR was counted when the cursor fell off (on_fell_behind).
+        if self._gap:
+            self.gaps_sent += 1
         if self.connects:
             self.reconnects += 1
         self.connects += 1
