@@ -461,7 +461,9 @@ class ReceiverProtocol(Int32StringReceiver):
             return
         if self.state != "streaming":
             self.factory.handshake_failures += 1
-        self.factory.throttled.emit(("fail", self._peer_address()), reason, "warn",
+        # Keyed by host: a misconfigured peer dials again from a new port each time.
+        host = getattr(self.transport.getPeer(), "host", "?") if self.transport is not None else "?"
+        self.factory.throttled.emit(("fail", host), reason, "warn",
                                     "closed a replication stream from {peer} ({address}): {error}",
                                     peer=self.peer_node or "?", address=self._peer_address(), error=reason)
         self.close(reason)
