@@ -332,8 +332,14 @@ class ReceiverProtocol(Int32StringReceiver):
 
     def _handshake_timed_out(self):
         self._timeout = None
-        if self.state != "streaming":
-            self._fail(f"no handshake within {self.factory.handshake_timeout:g} s")
+        try:
+            if self.state != "streaming":
+                self._fail(f"no handshake within {self.factory.handshake_timeout:g} s")
+        except Exception:
+            log.failure("closing a replication connection after its handshake timeout failed")
+
+    def lengthLimitExceeded(self, length):
+        self._fail(f"a message of {length} bytes exceeds this node's limit of {self.MAX_LENGTH}")
 
     def dataReceived(self, data):
         self._ack_due = None
@@ -597,6 +603,8 @@ class SenderProtocol(Int32StringReceiver):
         self.state = "challenge"  # -> "welcome" -> "streaming"; "closed"
         self._nonce = new_nonce()
         self.start = None
+        self.refused = False  # the peer closed with an error message
+        self.progressed = False  # the peer acknowledged a frame on this connection
         self.peer_node = None
         self.failure_reason = None
         self._timeout = None
@@ -610,8 +618,11 @@ class SenderProtocol(Int32StringReceiver):
 
     def _handshake_timed_out(self):
         self._timeout = None
-        if self.state in ("challenge", "welcome"):
-            self.fail(f"no answer to the handshake within {self.link.owner.handshake_timeout:g} s")
+        try:
+            if self.state in ("challenge", "welcome"):
+                self.fail(f"no answer to the handshake within {self.link.owner.handshake_timeout:g} s")
+        except Exception:
+            log.failure("closing a replication connection after its handshake timeout failed")
 
     def stringReceived(self, message):
         if self.state == "closed":
@@ -628,6 +639,7 @@ class SenderProtocol(Int32StringReceiver):
                 self._challenge(message)
             elif kind == ERROR:
                 self.failure_reason = "the peer refused: " + message[1:301].decode("utf-8", "replace")
+                self.refused = True
                 self.state = "closed"
                 self.transport.loseConnection()
             else:
@@ -713,7 +725,8 @@ class PeerStream:
     fell behind the log and needs anti-entropy or a snapshot),
     ``frames_sent``, ``events_sent``, ``bytes_sent``, ``acks``,
     ``rejected`` (entries the peer refused as invalid), ``gaps_sent``,
-    ``failures`` (connection attempts or handshakes in a row that failed),
+    ``failures`` (connections that failed or that the peer refused, since
+    the stream last made progress; they set the back-off),
     ``last_error``; ``window_in_use()``, ``lag_events()``,
     ``lag_seconds()``.
     """
@@ -802,12 +815,10 @@ class PeerStream:
         if self.connects:
             self.reconnects += 1
         self.connects += 1
-        if self.failures:
-            log.info("replication stream to {peer} works again after {failures} failed attempts",
-                     peer=self.name, failures=self.failures)
-        self.failures = 0
+        # ``failures`` is reset by the first acknowledged frame, not here: a
+        # peer that accepts the handshake and then refuses the stream must
+        # not be dialled again at the first back-off step forever.
         self.last_error = None
-        self._throttled.reset("failing")
         log.info("replication stream to {peer} ({node}) {outcome} at offset {offset}", peer=self.name,
                  node=protocol.peer_node, outcome=self._outcome, offset=self.cursor.sent)
         self.flush()
@@ -825,7 +836,7 @@ class PeerStream:
             self.owner._link_closed(self)
             return
         why = protocol.failure_reason or (_describe(reason) if reason is not None else "connection closed")
-        if was_streaming:
+        if was_streaming and protocol.progressed and not protocol.refused:
             self.last_error = why
             log.info("replication stream to {peer} lost ({reason}); reconnecting", peer=self.name, reason=why)
             self._schedule_retry()
@@ -869,6 +880,13 @@ class PeerStream:
         self.acks += 1
         owner = self.owner
         self._progress_at = owner.clock.seconds()
+        if offset > previous:
+            self.protocol.progressed = True
+        if self.failures and offset > previous:
+            log.info("replication stream to {peer} works again after {failures} failed attempts",
+                     peer=self.name, failures=self.failures)
+            self.failures = 0
+            self._throttled.reset("failing")
         if owner.on_ack is not None and offset > previous:
             # One observation per acknowledgement: the oldest entry's lag.
             owner.on_ack(self, offset - previous, owner.log.age(previous))

@@ -727,3 +727,18 @@ def wait_for(condition, limit=30.0):
         assert waited < limit, "condition not reached"
         yield deferLater(0.01)
         waited += 0.01
+
+
+def test_a_peer_that_refuses_the_stream_after_the_handshake_is_dialled_with_growing_back_off():
+    pair = Pair()
+    pair.receiver.max_message_bytes = 10  # every frame is too big: the receiver refuses it and closes
+    pair.connect()
+    delays = []
+    for attempt in range(4):
+        pair.append(attempt, 1)
+        pair.pump.flush()
+        assert not pair.link.connected and "exceeds this node's limit of 10" in pair.link.last_error
+        delays.append(min(c.getTime() for c in pair.reactor.getDelayedCalls()) - pair.reactor.seconds())
+        pair.reactor.advance(delays[-1])
+        pair.connect()
+    assert delays == sorted(delays) and delays[-1] > delays[0]
