@@ -38,8 +38,8 @@ from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
 from metacenter.cluster.discovery import format_peer
-from metacenter.runtime.logs import logger
 from metacenter.core.events import EVENT_ADD, EVENT_CACHE_SAVE, LOAD_EVENT_TYPES
+from metacenter.runtime.logs import ThrottledLog, logger
 
 log = logger("metacenter.cluster.replication")
 
@@ -61,7 +61,6 @@ _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 # -- transport -----------------------------------------------------------------
 
 
-@implementer(IBodyProducer)
 def event_body(event_type, event):
     """The JSON object a replicated event carries (the original request, with
     its timestamp), as the reference sends it."""
@@ -74,6 +73,7 @@ def event_body(event_type, event):
     return {"request_id": event.request_id, "timestamp": event.timestamp}
 
 
+@implementer(IBodyProducer)
 class BytesProducer:
     """A request body written in one go: treq's default producer spends a
     cooperator step (a reactor turn) per request."""
@@ -331,7 +331,6 @@ class PeerLink:
         self._next_token = 0
         self.failures_in_a_row = 0
         self.resume_at = 0.0
-        self._failure_logged_at = None
         self._wakeup = None
         self._last_batch_at = float("-inf")  # when the previous batch left
         self.sent = self.failed = self.dropped = 0
@@ -552,7 +551,7 @@ class PeerLink:
             log.info("replication to {peer} works again after {failures} failed requests",
                      peer=self.name, failures=self.failures_in_a_row)
             self.failures_in_a_row = 0
-            self._failure_logged_at = None
+            self._r.failure_log.reset(self.name)
         self.resume_at = 0.0
 
     def _failed(self, items, reason):
@@ -561,11 +560,12 @@ class PeerLink:
         self._m_failed.inc(len(items))
         self._requeue(items)
         self._back_off()
-        now = self._clock.seconds()
-        if self._failure_logged_at is None or now - self._failure_logged_at >= FAILURE_LOG_INTERVAL:
-            self._failure_logged_at = now
-            log.warn("replication to {peer} failing ({reason}); {queued} events queued, retrying with back-off",
-                     peer=self.name, reason=reason, queued=len(self.queue), failures=self.failures_in_a_row)
+        # Throttled whatever the reason: a peer that is down fails in
+        # changing ways (refused, timed out, 503) and is one condition.
+        self._r.failure_log.emit(
+            self.name, None, "warn",
+            "replication to {peer} failing ({reason}); {queued} events queued, retrying with back-off",
+            peer=self.name, reason=reason, queued=len(self.queue), failures=self.failures_in_a_row)
 
     def _back_off(self):
         self.failures_in_a_row += 1
@@ -618,17 +618,25 @@ class PeerLink:
             self._count_dropped(len(self.queue))
             self.queue.clear()
         self._r.metrics.forget(self.name)
+        self._r.failure_log.reset(self.name)
 
 
 class Replicator(Service):
-    """Fans accepted client mutations out to the peers (``peers_changed`` is a
-    ``PeerDiscovery`` listener) and reports per-peer status for the node."""
+    """Fans accepted client mutations out to the peers: ``event_accepted`` is
+    a node event listener (``Node(listeners=...)``), ``peers_changed`` a
+    ``PeerDiscovery`` listener, ``peer_status`` the node's peer-status source.
+
+    ``client`` is a ``PeerClient``; ``registry`` takes the
+    ``metacenter_replication_*`` series. Batches hold up to ``batch_size``
+    events and ``max_batch_bytes`` bytes and leave ``batch_interval`` seconds
+    apart at most; each peer queues up to ``queue_size`` events; a reference
+    peer is asked for batches again every ``probe_interval`` seconds.
+    """
 
     name = "replication"
 
-    def __init__(self, node, client, clock, *, batch_size=128, batch_interval=0.005, queue_size=100000,
-                 max_batch_bytes=65536, probe_interval=60.0, registry=None):
-        self.node = node
+    def __init__(self, client, clock, *, registry, batch_size=128, batch_interval=0.005, queue_size=100000,
+                 max_batch_bytes=65536, probe_interval=60.0):
         self.client = client
         self.clock = clock
         self.batch_size = batch_size
@@ -636,11 +644,10 @@ class Replicator(Service):
         self.queue_size = queue_size
         self.max_batch_bytes = max_batch_bytes
         self.probe_interval = probe_interval
-        self.metrics = ReplicationMetrics(registry if registry is not None else node.metrics.registry)
+        self.metrics = ReplicationMetrics(registry)
+        self.failure_log = ThrottledLog(log, clock, FAILURE_LOG_INTERVAL)
         self.links = {}  # (host, port) -> PeerLink
         self._link_list = ()
-        node.event_listeners.append(self.event_accepted)
-        node.peer_status = self.peer_status
 
     def peers_changed(self, joined, left):
         for peer in left:
@@ -673,6 +680,7 @@ class Replicator(Service):
             link.draining = False
 
     def peer_status(self):
+        """One ``PeerLink.status()`` dict per peer, sorted by peer."""
         return [self.links[peer].status() for peer in sorted(self.links)]
 
     @defer.inlineCallbacks

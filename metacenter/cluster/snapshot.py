@@ -15,7 +15,6 @@ receiver validates every entry like a client request before merging it;
 """
 
 import json
-from itertools import islice
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPullProducer
@@ -24,6 +23,7 @@ from zope.interface import implementer
 from metacenter.core.errors import InvalidInput
 from metacenter.core.fields import INT32_MAX, int_field, ip_field, is_uint64, required_string
 from metacenter.core.load import TOMB_DELETED, TOMB_PROMPT
+from metacenter.runtime.turns import in_chunks
 
 FORMAT = 1
 CHUNK = 1000
@@ -36,6 +36,8 @@ _decode = json.JSONDecoder().decode
 
 
 def record_entry(record):
+    """A live request's record tuple (``LoadState.iter_requests``) -> its
+    ``["r", ...]`` entry."""
     request_id, cluster, ip, prompt_length, prompt_deleted, created_s = record
     return ["r", request_id, cluster, ip, prompt_length, 1 if prompt_deleted else 0, created_s]
 
@@ -45,17 +47,16 @@ def _lines(entries):
 
 
 def state_chunks(node, clusters=None, tombstones=True, cache=True, keep=None):
-    """bytes chunks of a snapshot of ``node``: everything, or the live requests
-    of the given clusters only (``clusters`` a set, for anti-entropy), and of
-    those only the records for which ``keep(record)`` is true."""
+    """A generator of bytes chunks (whole lines, possibly empty) of a
+    snapshot of ``node``: everything, or the live requests of the given
+    clusters only (``clusters`` a set, for anti-entropy), and of those only
+    the records for which ``keep(record)`` is true. Each chunk looks at no
+    more than ``CHUNK`` entries (requests, tombstones; fewer cache engines,
+    which hold many hashes each), so the consumer paces the walk."""
     state = node.state
     yield _lines([{"snapshot": FORMAT, "node": node.advertise, "time": int(node.clock.seconds() * 1e9)}])
     counts = {"requests": 0, "tombstones": 0, "cache_engines": 0}
-    requests = state.iter_requests()
-    while True:
-        looked = list(islice(requests, CHUNK))
-        if not looked:
-            break
+    for looked in in_chunks(state.iter_requests(), CHUNK):
         if clusters is not None:
             looked = [r for r in looked if r[1] in clusters]
         if keep is not None:
@@ -63,20 +64,11 @@ def state_chunks(node, clusters=None, tombstones=True, cache=True, keep=None):
         counts["requests"] += len(looked)
         yield _lines(record_entry(r) for r in looked)
     if tombstones:
-        stones = state.iter_tombstones()
-        while True:
-            looked = list(islice(stones, CHUNK))
-            if not looked:
-                break
+        for looked in in_chunks(state.iter_tombstones(), CHUNK):
             counts["tombstones"] += len(looked)
             yield _lines(["t", request_id, kind, created_s] for request_id, kind, created_s in looked)
-    index = node.cache if cache and clusters is None else None
-    if index is not None and hasattr(index, "iter_snapshot"):
-        engines = index.iter_snapshot()
-        while True:
-            looked = list(islice(engines, max(1, CHUNK // 100)))  # an engine holds many hashes
-            if not looked:
-                break
+    if cache and clusters is None:
+        for looked in in_chunks(node.cache.iter_snapshot(), max(1, CHUNK // 100)):
             counts["cache_engines"] += len(looked)
             yield _lines(["c", cluster, ip, hashes] for cluster, ip, hashes in looked)
     yield _lines([dict(end=True, **counts)])
@@ -165,6 +157,8 @@ def parse_cache_entry(item):
 
 
 def decode_line(line):
+    """A snapshot line (bytes, no newline) -> its JSON value; InvalidInput
+    if it is not UTF-8 JSON."""
     try:
         return _decode(line.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
@@ -174,7 +168,14 @@ def decode_line(line):
 class SnapshotMerger:
     """Merges a peer's snapshot, line by line, into a node: every entry is
     an order-insensitive merge, so events arriving meanwhile (or a second
-    snapshot after a broken one) never count twice."""
+    snapshot after a broken one) never count twice.
+
+    ``line(raw)`` takes each line; an invalid entry is counted (``invalid``,
+    ``first_error``) and skipped, an unknown format header raises
+    InvalidInput. ``complete`` turns True with the end line (``expected``
+    holds its counts); ``merged`` counts requests, tombstones and cache
+    engines; ``listed``, if a set is given, receives the ids of the peer's
+    live requests."""
 
     def __init__(self, node, listed=None):
         self._node = node
@@ -206,8 +207,7 @@ class SnapshotMerger:
                 self._node.merge_tombstone(*parse_tombstone(entry))
                 self.merged["tombstones"] += 1
             elif tag == "c":
-                if self._node.cache is not None:
-                    self._node.cache.apply_snapshot(*parse_cache_entry(entry))
+                self._node.cache.apply_snapshot(*parse_cache_entry(entry))
                 self.merged["cache_engines"] += 1
             else:
                 raise InvalidInput("unknown snapshot entry")

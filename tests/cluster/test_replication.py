@@ -92,12 +92,20 @@ def clocked():
     return clock
 
 
+def replicate(sender, client, clock, **options):
+    """A Replicator of ``sender``'s client mutations (subscribed as a node
+    listener, as makeService wires it) over ``client``."""
+    replicator = Replicator(client, clock, registry=CollectorRegistry(), **options)
+    sender.node.event_listeners.append(replicator.event_accepted)
+    return replicator
+
+
 def stub_replicator(sender, peer_resource, peer=("10.9.9.9", 8080), clock=None, secret="", **options):
     """A Replicator on ``sender`` whose one peer is ``peer_resource`` (through
     StubTreq: requests complete synchronously), driven by ``clock``."""
     clock = clock or sender.clock
     client = PeerClient(StubTreq(peer_resource), clock, PeerAuthenticator(secret, clock) if secret else None, 1.0)
-    replicator = Replicator(sender.node, client, clock, registry=CollectorRegistry(), **options)
+    replicator = replicate(sender, client, clock, **options)
     replicator.peers_changed(frozenset([peer]), frozenset())
     return replicator, replicator.links[peer]
 
@@ -235,14 +243,14 @@ def test_one_dead_peer_does_not_delay_another():
         def request(self, method, url, **kwargs):
             return (client_dead if ":2/" in url else client_healthy).request(method, url, **kwargs)
 
-    replicator = Replicator(sender.node, PeerClient(TwoPeers(), clock, None, 1.0), clock, registry=CollectorRegistry(),
+    replicator = replicate(sender, PeerClient(TwoPeers(), clock, None, 1.0), clock,
                             batch_size=4, batch_interval=0.001)
     replicator.peers_changed(frozenset([("10.0.0.1", 1), ("10.0.0.2", 2)]), frozenset())
     for step in range(20):
         sender.add(f"r{step}")
         clock.advance(0.002)
     assert healthy.state.request_count == 20
-    status = {s["peer"]: s for s in sender.node.peer_status()}
+    status = {s["peer"]: s for s in replicator.peer_status()}
     assert status["10.0.0.1:1"]["queue_depth"] == 0 and status["10.0.0.1:1"]["sent"] == 20
     assert status["10.0.0.2:2"]["queue_depth"] == 20 and status["10.0.0.2:2"]["sent"] == 0
     assert status["10.0.0.2:2"]["lag_ms"] > 0
@@ -277,7 +285,7 @@ def test_a_peer_that_leaves_takes_its_queue_and_series_with_it():
     assert replicator.metrics.registry.get_sample_value(
         "metacenter_replication_queue_depth", {"peer": "10.0.0.7:80"}) == 5
     replicator.peers_changed(frozenset(), frozenset([("10.0.0.7", 80)]))
-    assert sender.node.peer_status() == []
+    assert replicator.peer_status() == []
     assert link.dropped == 5
     assert replicator.metrics.registry.get_sample_value(
         "metacenter_replication_queue_depth", {"peer": "10.0.0.7:80"}) is None
@@ -311,7 +319,7 @@ def test_a_reference_peer_gets_single_events_and_is_asked_for_batches_again_late
     assert [h["event-type"] for _, _, h, _ in singles] == [
         "load.stats.set", "load.prompt.delete", "load.stats.set", "load.stats.delete"]
     assert json.loads(singles[1][3]) == {"request_id": "r1", "timestamp": int(EPOCH * 1e9)}
-    assert sender.node.peer_status()[0]["mode"] == "single"
+    assert replicator.peer_status()[0]["mode"] == "single"
 
     # Before the probe interval: singles only. After it: one batch probe,
     # still 404, so single events again.
@@ -352,13 +360,10 @@ def test_a_peer_that_gained_the_batch_endpoint_gets_batches_again():
 
 
 def test_kv_cache_saves_go_to_our_peers_in_batches_and_are_not_sent_to_reference_peers():
-    from metacenter.core.cache import CacheIndex
     from metacenter.core.events import ORIGIN_CLIENT as CLIENT
 
     clock = clocked()
     sender, receiver = LocalNode(clock), LocalNode(clocked())
-    for node in (sender, receiver):
-        node.node.cache = CacheIndex(node.clock)
     stub_replicator(sender, receiver.api.resource(), batch_size=1)
     reference = ReferenceNode()
     _, reference_link = stub_replicator(sender, reference, peer=("10.0.0.9", 1), batch_size=1)
@@ -601,7 +606,7 @@ class _Silent:
 @pytest_twisted.inlineCallbacks
 def test_a_node_still_warming_up_refuses_to_serve_snapshots():
     node = LocalNode()
-    node.node.ready = False
+    node.node.readiness.hold("warm start in progress")
     stub = node.stub()
     for method, path in (("GET", "/v1/replica/snapshot"), ("GET", "/v1/replica/digest")):
         response = yield stub.request(method, "http://node" + path)
@@ -826,16 +831,16 @@ def test_a_resync_takes_the_clusters_state_and_drops_what_finished_while_away():
 def test_two_nodes_over_loopback_converge_in_batches():
     a, b = LocalNode().listen(), LocalNode().listen()
     client = real_client()
-    replicator = Replicator(a.node, client, reactor, registry=CollectorRegistry(), batch_size=64,
+    replicator = replicate(a, client, reactor, batch_size=64,
                             batch_interval=0.002)
     replicator.peers_changed(frozenset([b.peer]), frozenset())
     rng = random.Random(3)
     try:
         fill(a, 3000, rng)
-        yield wait_until(lambda: a.node.peer_status()[0]["lag_ms"] == 0 and a.view() == b.view())
+        yield wait_until(lambda: replicator.peer_status()[0]["lag_ms"] == 0 and a.view() == b.view())
         assert a.digest() == b.digest()
         assert a.state.tombstone_count == b.state.tombstone_count
-        status = a.node.peer_status()[0]
+        status = replicator.peer_status()[0]
         assert status["mode"] == "batch" and status["failed"] == 0 and status["dropped"] == 0
         assert status["sent"] == len(a.forwarded)
         requests = sum(bucket.get() for bucket in replicator.metrics.batch_size.labels(status["peer"])._buckets)
