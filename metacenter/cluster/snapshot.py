@@ -8,16 +8,17 @@ streams (anti-entropy), one JSON value per line.
     {"end":true,"requests":n,"tombstones":n,"cache_engines":n}    the stream is complete
 
 The sender writes it in chunks of at most ``CHUNK`` entries looked at, one
-chunk per producer step, under the HTTP connection's back-pressure, so a
-million requests never stall the reactor nor fill memory with one body. The
+chunk per step of the node's cooperator (a reactor turn), paused by the HTTP
+connection's back-pressure, so a million requests never stall the reactor
+nor fill memory with one body. The
 receiver validates every entry like a client request before merging it;
 ``created_s`` carries the request's birth, so expiry deadlines travel along.
 """
 
 import json
 
-from twisted.internet import defer
-from twisted.internet.interfaces import IPullProducer
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from metacenter.core.errors import InvalidInput
@@ -74,39 +75,62 @@ def state_chunks(node, clusters=None, tombstones=True, cache=True, keep=None):
     yield _lines([dict(end=True, **counts)])
 
 
-@implementer(IPullProducer)
+@implementer(IPushProducer)
 class ChunkProducer:
-    """Writes ``chunks`` to a twisted.web request, one per ``resumeProducing``
-    (the connection asks again when it has room); ``done`` fires when the
-    stream ended or the client went away."""
+    """Writes ``chunks`` (an iterator of bytes, e.g. ``state_chunks``) to a
+    twisted.web request, one chunk per step of ``cooperate`` (the node's
+    cooperator, ``Node.cooperate``: a chunk per reactor turn), pausing while
+    the connection's buffer is full. ``start()`` returns ``done``, which
+    fires with None when the stream ended or the client went away, and
+    fails with what building a chunk raised (the caller then aborts the
+    connection: a stream without its end line is incomplete to the reader).
+    """
 
-    def __init__(self, request, chunks):
+    def __init__(self, request, chunks, cooperate=task.cooperate):
         self._request = request
         self._chunks = chunks
+        self._cooperate = cooperate
+        self._task = None
+        self._paused = False
         self.done = defer.Deferred()
 
     def start(self):
-        self._request.registerProducer(self, False)
+        self._request.registerProducer(self, True)
+        self._task = self._cooperate(self._write_all())
+        self._task.whenDone().addCallbacks(self._finished, self._failed)
         return self.done
 
-    def resumeProducing(self):
-        if self.done.called:
-            return
-        try:
-            chunk = next(self._chunks, None)
-        except Exception:
-            self._request.unregisterProducer()
-            self.done.errback()
-            return
-        if chunk is None:
+    def _write_all(self):
+        write = self._request.write
+        for chunk in self._chunks:
+            if chunk:
+                write(chunk)
+            yield None
+
+    def _finished(self, _):
+        if not self.done.called:
             self._request.unregisterProducer()
             self.done.callback(None)
-        elif chunk:
-            self._request.write(chunk)
+
+    def _failed(self, failure):
+        if not self.done.called:  # else stopProducing ended it: the client went away
+            self._request.unregisterProducer()
+            self.done.errback(failure)
+
+    def pauseProducing(self):
+        if not self._paused and not self.done.called:
+            self._paused = True
+            self._task.pause()
+
+    def resumeProducing(self):
+        if self._paused and not self.done.called:
+            self._paused = False
+            self._task.resume()
 
     def stopProducing(self):
         if not self.done.called:
             self.done.callback(None)
+            self._task.stop()
 
 
 # -- decoding --------------------------------------------------------------------
