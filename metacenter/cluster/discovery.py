@@ -210,9 +210,11 @@ class PeerDiscovery(MultiService):
 
     @property
     def peers(self):
+        """The current peers: a frozenset of (host, port)."""
         return self._peers
 
     def add_listener(self, listener):
+        """``listener(joined, left)`` is called after every change."""
         self._listeners.append(listener)
 
     def remove_listener(self, listener):

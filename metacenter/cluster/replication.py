@@ -154,7 +154,14 @@ def make_http_client(reactor, dial_timeout=0.5, max_idle_conns=100, idle_conn_ti
 
 class PeerClient:
     """Requests to peers: signed when the authenticator has a secret, each
-    bounded by a timeout that covers connecting, sending and reading."""
+    bounded by a timeout (seconds of ``clock``) that covers connecting,
+    sending and reading.
+
+    ``http_client`` is anything with treq's ``request(method, url, data=,
+    headers=, allow_redirects=, unbuffered=)``: ``make_http_client``'s in a
+    process, treq's ``StubTreq`` over another node's API resource in tests.
+    ``pool`` (optional) is closed by ``close()``.
+    """
 
     def __init__(self, http_client, clock, authenticator=None, request_timeout=1.0, pool=None):
         self._http = http_client
@@ -265,6 +272,8 @@ class SendFailed(Exception):
 
 
 def describe_error(failure):
+    """A request's Failure -> a short reason for the log ("timed out", or
+    the exception's type and message)."""
     if failure.check(defer.TimeoutError, defer.CancelledError):
         return "timed out"
     error = failure.value
@@ -275,6 +284,9 @@ def describe_error(failure):
 
 
 class ReplicationMetrics:
+    """The ``metacenter_replication_*`` series, labelled by peer;
+    ``forget(peer)`` drops a peer's series when it leaves."""
+
     def __init__(self, registry):
         self.registry = r = registry
         self.queue_depth = Gauge("metacenter_replication_queue_depth", "Events waiting to be sent to a peer.",
@@ -350,6 +362,8 @@ class PeerLink:
     # -- queue -------------------------------------------------------------------
 
     def enqueue(self, item):
+        """Queues ``(event_type, event, trace_id, enqueued_at)``, dropping the
+        oldest event if the queue is full, and schedules a send."""
         queue = self.queue
         if len(queue) >= self._r.queue_size:
             queue.popleft()
@@ -605,6 +619,8 @@ class PeerLink:
         return max(0.0, self._clock.seconds() - min(oldest))
 
     def status(self):
+        """The peer's replication status for ``GET /status``: mode, queue
+        depth, sent/failed/dropped counts, lag in ms."""
         return {"peer": self.name, "mode": self.mode, "queue_depth": len(self.queue), "sent": self.sent,
                 "failed": self.failed, "dropped": self.dropped, "lag_ms": round(self.lag_seconds() * 1000, 3)}
 
@@ -650,6 +666,8 @@ class Replicator(Service):
         self._link_list = ()
 
     def peers_changed(self, joined, left):
+        """A ``PeerDiscovery`` listener: links for new peers, and the queues
+        and series of peers that left are dropped."""
         for peer in left:
             link = self.links.pop(peer, None)
             if link is not None:

@@ -74,6 +74,7 @@ class BucketDigests:
         self.result: Dict[str, Dict[int, list]] = {cluster: {} for cluster in clusters}
 
     def add(self, records: Iterable[Record]) -> None:
+        """Folds a chunk of records into ``result``; other clusters' are skipped."""
         out = self.result
         for request_id, cluster, _, _, prompt_deleted, _ in records:
             buckets = out.get(cluster)
@@ -160,6 +161,8 @@ class Reconciliation:
         self.tally: Counter = Counter()
 
     def peer_record(self, record: Record, now: float) -> str:
+        """Reconciles one of the peer's live requests (``now`` in seconds);
+        returns the outcome (see ``reconcile``)."""
         self.listed.add(record[0])
         outcome = reconcile(self._state, record, now)
         self.tally[outcome] += 1
@@ -170,12 +173,17 @@ class Reconciliation:
         return outcome
 
     def invalid_record(self) -> None:
+        """Counts a peer entry that failed validation."""
         self.tally["invalid"] += 1
 
     def sent(self, count: int) -> None:
+        """Counts ``count`` of this node's requests sent to the peer."""
         self.tally["sent_requests"] += count
 
     def peer_answer(self, answer) -> None:
+        """Applies a repair answer (the deletes this node missed); ValueError
+        if ``answer`` is not one. Ids that are not non-empty strings are
+        skipped."""
         try:
             deletes, prompt_deletes = answer["deleted"], answer["prompt_deleted"]
             if not isinstance(deletes, list) or not isinstance(prompt_deletes, list):

@@ -87,4 +87,5 @@ class ThrottledLog:
         return True
 
     def reset(self, key):
+        """The condition of ``key`` ended: its next occurrence logs at once."""
         self._last.pop(key, None)

@@ -46,6 +46,7 @@ class Readiness:
         self._reason = reason
 
     def release(self):
+        """Ready again."""
         self._reason = None
 
 
