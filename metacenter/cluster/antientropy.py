@@ -74,7 +74,7 @@ BULK_TIMEOUT = 30.0  # seconds for streaming records and sending repairs
 def reconcile(node, record, now):
     """``core.digests.reconcile`` on ``node``'s state (the repair route's
     entry point): merges one of a peer's live requests, returns the outcome."""
-    return core.reconcile(node.state, record, now)
+    return core.reconcile(node.state, record, now, node.merge_record)
 
 
 def bucket_digests(state, clusters, cooperate):

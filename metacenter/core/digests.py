@@ -16,7 +16,7 @@ digests are ``{cluster: [live, "16 hex digits"]}``, bucket digests
 
 import zlib
 from collections import Counter
-from typing import Dict, Iterable, List, Optional, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from metacenter.core.load import TOMB_DELETED, TOMB_PROMPT, request_fingerprint
 
@@ -114,25 +114,29 @@ def differing_clusters(local: dict, remote: dict) -> List[str]:
     return sorted(name for name in set(local) | set(remote) if local.get(name, _EMPTY) != remote.get(name, _EMPTY))
 
 
-def reconcile(state, record: Record, now: float) -> str:
+def reconcile(state, record: Record, now: float, merge: Optional[Callable[..., object]] = None) -> str:
     """Merges one of a peer's live requests into ``state`` (a ``LoadState``;
     ``now`` in seconds) and returns the outcome: ``SAME``, ``ADOPTED``,
-    ``MERGED``, ``PEER_DELETE``, ``PEER_PROMPT`` or ``UNRESOLVED``."""
+    ``MERGED``, ``PEER_DELETE``, ``PEER_PROMPT`` or ``UNRESOLVED``. A record
+    is merged through ``merge(*record)`` (``state.apply_record`` by default;
+    a node passes its ``merge_record``)."""
+    if merge is None:
+        merge = state.apply_record
     request_id, _, _, _, prompt_deleted, created_s = record
     here = state.request_state(request_id)
     if here is None:
         if created_s is not None and created_s > now - repair_horizon(state.tombstone_ttl):
-            state.apply_record(*record)
+            merge(*record)
             return ADOPTED
         return UNRESOLVED
     if here == "deleted":
         return PEER_DELETE
     if here == "prompt-tombstone":
-        state.apply_record(*record)
+        merge(*record)
         return ADOPTED
     if here == "live":
         if prompt_deleted:
-            state.apply_record(*record)
+            merge(*record)
             return MERGED
         return SAME
     return SAME if prompt_deleted else PEER_PROMPT  # live, prompt deleted here
