@@ -223,7 +223,7 @@ class ReplicaRoutes:
             return respond(self, request, url, e, started)
         request.setHeader(b"Content-Type", _NDJSON)
         request.setHeader(b"X-Trace-ID", trace_id_of(request).encode("utf-8"))
-        done = ChunkProducer(request, chunks).start()
+        done = ChunkProducer(request, chunks, self.node.cooperate).start()
 
         # Everything is written: the Deferred's result is the (empty) rest of
         # the body, which the resource writes before it finishes the request.

@@ -34,24 +34,30 @@ partition that must heal exactly. A node that was down re-joins by warm start
 (a full snapshot), not by repair; one that knows it was away for longer than
 ``isolation_threshold`` (``on_isolation`` here, or warmstart.StallWatch)
 resyncs from a peer (warmstart.WarmStart.resync).
+
+The pure parts (digests, buckets, ``reconcile``, the horizon) are in
+``metacenter.core.digests``; this module is the exchange over HTTP.
 """
 
 import itertools
 import json
-import zlib
-from collections import Counter as Tally
 from time import perf_counter
 
 from prometheus_client import Counter, Gauge, Histogram
-from twisted.application.service import Service
-from twisted.internet import defer, task
+from twisted.application.service import MultiService
+from twisted.internet import defer
 
-from metacenter.core.errors import InvalidInput
 from metacenter.cluster.discovery import format_peer
-from metacenter.runtime.logs import logger
-from metacenter.runtime.turns import chunk_per_turn
 from metacenter.cluster.snapshot import decode_line, parse_record, record_entry
-from metacenter.core.load import TOMB_DELETED, TOMB_PROMPT, request_fingerprint
+from metacenter.core import digests as core
+from metacenter.core.digests import (ADOPTED, BUCKETS, HORIZON_FRACTION, MERGED, PEER_DELETE,  # noqa: F401
+                                     PEER_PROMPT, SAME, UNRESOLVED, bucket_of, differing_buckets,
+                                     differing_clusters, digests, encode_buckets, isolation_threshold,
+                                     repair_horizon)
+from metacenter.core.errors import InvalidInput
+from metacenter.runtime.logs import ThrottledLog, logger
+from metacenter.runtime.periodic import Periodic
+from metacenter.runtime.turns import scan
 
 log = logger("metacenter.cluster.antientropy")
 
@@ -60,123 +66,33 @@ BUCKETS_PATH = "/v1/replica/buckets"
 RECORDS_PATH = "/v1/replica/records"
 REPAIR_PATH = "/v1/replica/repair"
 
-HORIZON_FRACTION = 0.75
 SCAN_CHUNK = 2000  # local requests looked at per reactor turn
-BUCKETS = 256  # a power of two
 FAILURE_LOG_INTERVAL = 60.0
 BULK_TIMEOUT = 30.0  # seconds for streaming records and sending repairs
 
-# What reconciling one of a peer's live requests did here, and what the peer
-# should do.
-SAME = "same"
-ADOPTED = "adopted"  # added here (we had never seen it, or only its prompt delete)
-MERGED = "merged"  # its prompt delete applied here
-PEER_DELETE = "peer_delete"  # deleted here: the peer must delete it
-PEER_PROMPT = "peer_prompt"  # prompt deleted here: the peer must drop its prompt
-UNRESOLVED = "unresolved"  # unknown here and older than the horizon: left alone
-
-
-def repair_horizon(tombstone_ttl):
-    return tombstone_ttl * HORIZON_FRACTION
-
 
 def reconcile(node, record, now):
-    """Merge one of a peer's live requests into ``node``; returns the outcome."""
-    request_id, _, _, _, prompt_deleted, created_s = record
-    here = node.state.request_state(request_id)
-    if here is None:
-        if created_s is not None and created_s > now - repair_horizon(node.state.tombstone_ttl):
-            node.merge_record(*record)
-            return ADOPTED
-        return UNRESOLVED
-    if here == "deleted":
-        return PEER_DELETE
-    if here == "prompt-tombstone":
-        node.merge_record(*record)
-        return ADOPTED
-    if here == "live":
-        if prompt_deleted:
-            node.merge_record(*record)
-            return MERGED
-        return SAME
-    return SAME if prompt_deleted else PEER_PROMPT  # live, prompt deleted here
-
-
-def isolation_threshold(tombstone_ttl, interval):
-    """How long a node may miss the cluster and still be repaired exactly by
-    anti-entropy: what it missed must still be inside the repair horizon when
-    the next rounds run. Longer, and it resyncs (warmstart)."""
-    horizon = repair_horizon(tombstone_ttl)
-    return max(1.0, min(horizon / 2, horizon - 2 * interval))
-
-
-def digests(state):
-    return {name: [c.live, format(c.digest, "016x")] for name, c in state.clusters.items()}
-
-
-def bucket_of(request_id):
-    """The bucket of a request: the low bits of its fingerprint, which depend
-    on the id only (not on the prompt flag)."""
-    return zlib.crc32(request_id.encode("utf-8", "surrogatepass")) & (BUCKETS - 1)
-
-
-def scan_buckets(state, clusters, out):
-    """A generator for a Cooperator: fills ``out`` with {cluster: {bucket:
-    [live, digest]}} for the given clusters, ``SCAN_CHUNK`` requests a step."""
-    for cluster in clusters:
-        out[cluster] = {}
-    looked = 0
-    for request_id, cluster, _, _, prompt_deleted, _ in state.iter_requests():
-        looked += 1
-        buckets = out.get(cluster)
-        if buckets is not None:
-            fingerprint = request_fingerprint(request_id, prompt_deleted)
-            bucket = buckets.get(fingerprint & (BUCKETS - 1))
-            if bucket is None:
-                buckets[fingerprint & (BUCKETS - 1)] = [1, fingerprint]
-            else:
-                bucket[0] += 1
-                bucket[1] ^= fingerprint
-        if looked % SCAN_CHUNK == 0:
-            yield None
+    """``core.digests.reconcile`` on ``node``'s state (the repair route's
+    entry point): merges one of a peer's live requests, returns the outcome."""
+    return core.reconcile(node.state, record, now, node.merge_record)
 
 
 def bucket_digests(state, clusters, cooperate):
-    """Deferred {cluster: {bucket: [live, digest]}}, computed cooperatively."""
-    out = {}
-    return cooperate(scan_buckets(state, clusters, out)).whenDone().addCallback(lambda _: out)
-
-
-def encode_buckets(buckets):
-    """The wire form: {cluster: {"bucket": [live, "hex digest"]}}."""
-    return {cluster: {str(b): [live, format(digest, "016x")] for b, (live, digest) in found.items()}
-            for cluster, found in buckets.items()}
-
-
-def differing_buckets(local, remote):
-    """{cluster: set of buckets that differ}, both in wire form; clusters
-    whose buckets all agree (they changed between the two scans) are left out."""
-    empty = [0, "0" * 16]
-    result = {}
-    for cluster in set(local) | set(remote):
-        mine, theirs = local.get(cluster, {}), remote.get(cluster, {})
-        differing = {int(b) for b in set(mine) | set(theirs) if mine.get(b, empty) != list(theirs.get(b, empty))}
-        if differing:
-            result[cluster] = differing
-    return result
-
-
-def differing_clusters(local, remote):
-    empty = [0, "0" * 16]
-    return sorted(name for name in set(local) | set(remote)
-                  if local.get(name, empty) != remote.get(name, empty))
+    """Deferred ``{cluster: {bucket: [live, digest]}}`` (ints) of ``state``'s
+    live requests in ``clusters``, ``SCAN_CHUNK`` requests per ``cooperate``
+    step (``Node.cooperate``)."""
+    found = core.BucketDigests(clusters)
+    return scan(cooperate, state.iter_requests(), SCAN_CHUNK, found.add).addCallback(lambda _: found.result)
 
 
 class ExchangeFailed(Exception):
-    pass
+    """An exchange step got no usable answer; the message says which and why."""
 
 
 class AntiEntropyMetrics:
+    """The ``metacenter_antientropy_*`` series; ``forget(peer)`` drops a
+    peer's labelled series when it leaves."""
+
     def __init__(self, registry):
         r = registry
         self.exchanges = Counter("metacenter_antientropy_exchanges",
@@ -207,14 +123,22 @@ class AntiEntropyMetrics:
                 pass
 
 
-class AntiEntropy(Service):
-    """Runs ``round`` every ``interval`` once ``start_after`` (the warm start)
-    has fired; ``peers`` returns the current peers."""
+class AntiEntropy(MultiService):
+    """Runs ``round`` every ``interval`` seconds once ``start_after`` (a
+    Deferred: the warm start) has fired; ``peers()`` returns the current
+    peers ((host, port) tuples), ``client`` is a ``PeerClient``.
+
+    ``on_isolation(since, seconds)`` is called when no peer answered for
+    longer than ``isolation_threshold`` seconds and now one does
+    (``warmstart.WarmStart.resync``). ``last`` maps a peer's name to the
+    outcome dict of its last exchange.
+    """
 
     name = "anti-entropy"
 
     def __init__(self, node, client, peers, clock, interval=10.0, max_body=65536, start_after=None,
                  registry=None, on_isolation=None):
+        super().__init__()
         self.node = node
         self.client = client
         self._peers = peers
@@ -223,13 +147,9 @@ class AntiEntropy(Service):
         self.max_body = max_body
         self._start_after = start_after
         self.metrics = AntiEntropyMetrics(registry if registry is not None else node.metrics.registry)
-        self._loop = None
         self._known = set()
-        self._failure_logged = {}  # peer -> (reason, when)
-        self._cooperator = chunk_per_turn(clock)
+        self._failures = ThrottledLog(log, clock, FAILURE_LOG_INTERVAL)
         self.last = {}  # peer name -> outcome of the last exchange, for tests and the log
-        # on_isolation(since, seconds): no peer answered for longer than
-        # ``isolation_threshold``, and now one does (warmstart.WarmStart.resync).
         self.on_isolation = on_isolation
         self.isolation_threshold = isolation_threshold(node.state.tombstone_ttl, interval)
         self.last_contact = None
@@ -237,26 +157,21 @@ class AntiEntropy(Service):
     def startService(self):
         super().startService()
         ready = self._start_after if self._start_after is not None else defer.succeed(None)
-        ready.addBoth(self._start_loop)
+        ready.addBoth(self._warm)
 
-    def _start_loop(self, _):
-        if not self.running:
+    def _warm(self, _):
+        if not self.running or self.namedServices.get("rounds") is not None:
             return
         self.last_contact = self.clock.seconds()
-        self._loop = task.LoopingCall(self.round)
-        self._loop.clock = self.clock
-        self._loop.start(self.interval, now=False).addErrback(
-            lambda f: log.failure("anti-entropy loop stopped", f))
-
-    def stopService(self):
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._cooperator.stop()
-        return super().stopService()
+        # Detached: a stopping node does not wait for an exchange in flight.
+        rounds = Periodic(self.interval, self.round, what="anti-entropy round", clock=self.clock, now=False,
+                          detached=True, log=log)
+        rounds.setName("rounds")
+        rounds.setServiceParent(self)
 
     def round(self):
-        """One exchange with every peer, one after the other; never fails
-        (a failure would stop the LoopingCall for good)."""
+        """One exchange with every peer, one after the other; a Deferred
+        that never fails (errors are logged)."""
         return self._round().addErrback(lambda f: log.failure("anti-entropy round failed", f))
 
     @defer.inlineCallbacks
@@ -265,6 +180,7 @@ class AntiEntropy(Service):
         names = {format_peer(p) for p in peers}
         for gone in self._known - names:
             self.metrics.forget(gone)
+            self._failures.reset(gone)
             self.last.pop(gone, None)
         self._known = names
         started = self.clock.seconds()
@@ -285,8 +201,10 @@ class AntiEntropy(Service):
 
     @defer.inlineCallbacks
     def exchange(self, peer):
-        """Compare and repair with one peer; returns a dict of what happened
-        (also in ``last``). Errors are logged and counted, not raised."""
+        """Compare and repair with one peer; a Deferred of a dict of what
+        happened (also in ``last``): ``result`` is "in_sync", "repaired" (see
+        ``Reconciliation.outcome``) or "failed" (with ``reason``). Errors are
+        logged (throttled per peer) and counted, not raised."""
         name = format_peer(peer)
         started = perf_counter()
         try:
@@ -296,36 +214,53 @@ class AntiEntropy(Service):
             if isinstance(e, (defer.TimeoutError, defer.CancelledError)):
                 reason = "timed out"
             self.metrics.exchanges.labels(name, "failed").inc()
-            self._log_failure(name, reason)
+            self._failures.emit(name, reason, "warn", "anti-entropy with {peer} failed: {reason}", peer=name,
+                                reason=reason)
             outcome = {"result": "failed", "reason": reason}
         else:
             self.metrics.exchanges.labels(name, outcome["result"]).inc()
             self.metrics.unresolved.labels(name).set(outcome.get(UNRESOLVED, 0))
-            self._failure_logged.pop(name, None)
+            self._failures.reset(name)
             if outcome["result"] == "repaired" and outcome.get("changed"):
                 # Routine under load (events in flight look like differences):
                 # the repairs counter is the signal, this is for debugging.
                 log.debug("anti-entropy with {peer}: {clusters} clusters differed; {summary}", peer=name,
-                         clusters=len(outcome["clusters"]), summary=_summary(outcome))
+                          clusters=len(outcome["clusters"]), summary=_summary(outcome))
         self.metrics.duration.labels(name).observe(perf_counter() - started)
         self.last[name] = outcome
         return outcome
 
-    def _log_failure(self, name, reason):
-        now = self.clock.seconds()
-        previous = self._failure_logged.get(name)
-        if previous is None or previous[0] != reason or now - previous[1] >= FAILURE_LOG_INTERVAL:
-            self._failure_logged[name] = (reason, now)
-            log.warn("anti-entropy with {peer} failed: {reason}", peer=name, reason=reason)
+    # -- the exchange, step by step (see the module docstring) ----------------
+
+    def _answer_timeout(self):
+        # A peer must answer within twice the request timeout (a dead or
+        # paused one costs no more than that); the bulk may take longer.
+        return 2 * self.client.request_timeout
+
+    def _bulk_timeout(self):
+        return max(BULK_TIMEOUT, self.interval)
 
     @defer.inlineCallbacks
     def _exchange(self, peer):
-        node = self.node
-        # A peer must answer within twice the request timeout (a dead or
-        # paused one costs no more than that); the bulk may take longer.
-        answer_timeout = 2 * self.client.request_timeout
-        timeout = max(BULK_TIMEOUT, self.interval)
-        status, content = yield self.client.request("GET", peer, DIGEST_PATH, timeout=answer_timeout)
+        clusters = yield self._differing_clusters(peer)
+        if not clusters:
+            return {"result": "in_sync", "clusters": []}
+        buckets = yield self._differing_buckets(peer, clusters)
+        if not buckets:
+            return {"result": "in_sync", "clusters": []}  # the differences were in flight
+        ledger = core.Reconciliation(self.node.state)
+        yield self._pull_records(peer, buckets, ledger)
+        yield self._push_repairs(peer, buckets, ledger)
+        for kind, count in ledger.repairs().items():
+            if count:
+                self.metrics.repairs.labels(kind).inc(count)
+        return ledger.outcome(sorted(buckets))
+
+    @defer.inlineCallbacks
+    def _differing_clusters(self, peer):
+        """Step 1: the peer's cluster digests against ours; the sorted names
+        of the clusters that differ."""
+        status, content = yield self.client.request("GET", peer, DIGEST_PATH, timeout=self._answer_timeout())
         if status != 200:
             raise ExchangeFailed(f"digest: HTTP {status}{_reason(content)}")
         try:
@@ -333,114 +268,82 @@ class AntiEntropy(Service):
             remote = {str(k): list(v) for k, v in remote.items()}
         except (ValueError, KeyError, TypeError, AttributeError):
             raise ExchangeFailed("digest: not a digest answer") from None
-        clusters = differing_clusters(digests(node.state), remote)
-        if not clusters:
-            return {"result": "in_sync", "clusters": []}
+        return differing_clusters(digests(self.node.state), remote)
 
+    @defer.inlineCallbacks
+    def _differing_buckets(self, peer, clusters):
+        """Step 2: both sides' bucket digests of ``clusters`` (ours scanned
+        a chunk per reactor turn); ``{cluster: set of differing buckets}``."""
         body = json.dumps({"clusters": clusters}).encode("utf-8")
-        status, content = yield self.client.request("POST", peer, BUCKETS_PATH, body, timeout=timeout)
+        status, content = yield self.client.request("POST", peer, BUCKETS_PATH, body, timeout=self._bulk_timeout())
         if status != 200:
             raise ExchangeFailed(f"buckets: HTTP {status}{_reason(content)}")
         try:
-            remote_buckets = json.loads(content)["data"]
-            if not isinstance(remote_buckets, dict) or not all(isinstance(v, dict) for v in remote_buckets.values()):
+            remote = json.loads(content)["data"]
+            if not isinstance(remote, dict) or not all(isinstance(v, dict) for v in remote.values()):
                 raise TypeError
         except (ValueError, KeyError, TypeError):
             raise ExchangeFailed("buckets: not a buckets answer") from None
-        local_buckets = yield bucket_digests(node.state, clusters, self._cooperator.cooperate)
-        buckets = differing_buckets(encode_buckets(local_buckets), remote_buckets)
-        if not buckets:
-            return {"result": "in_sync", "clusters": []}  # the differences were in flight
-        clusters = sorted(buckets)
+        local = yield bucket_digests(self.node.state, clusters, self.node.cooperate)
+        return differing_buckets(encode_buckets(local), remote)
 
-        tally = Tally()
-        to_peer_tombstones = []
-        listed = set()
-        stream = {"complete": False}
+    @defer.inlineCallbacks
+    def _pull_records(self, peer, buckets, ledger):
+        """Step 3: the peer streams its live requests of ``buckets``; each is
+        reconciled here as it arrives (``ledger``)."""
+        node = self.node
+        complete = []
 
         def on_line(raw):
             entry = decode_line(raw)
             if isinstance(entry, dict):
-                stream["complete"] = stream["complete"] or entry.get("end") is True
+                if entry.get("end") is True:
+                    complete.append(True)
                 return
             try:
                 record = parse_record(entry)
             except InvalidInput:
-                tally["invalid"] += 1
+                ledger.invalid_record()
                 return
-            listed.add(record[0])
-            outcome = reconcile(node, record, node.clock.seconds())
-            tally[outcome] += 1
-            if outcome == PEER_DELETE:
-                to_peer_tombstones.append([record[0], TOMB_DELETED])
-            elif outcome == PEER_PROMPT:
-                to_peer_tombstones.append([record[0], TOMB_PROMPT])
+            ledger.peer_record(record, node.clock.seconds())
 
-        body = json.dumps({"clusters": clusters, "buckets": {c: sorted(b) for c, b in buckets.items()}})
+        body = json.dumps({"clusters": sorted(buckets), "buckets": {c: sorted(b) for c, b in buckets.items()}})
         status, content = yield self.client.stream("POST", peer, RECORDS_PATH, body.encode("utf-8"), on_line,
-                                                   timeout=timeout,
-                                                   answer_timeout=answer_timeout)
+                                                   timeout=self._bulk_timeout(), answer_timeout=self._answer_timeout())
         if status != 200:
             raise ExchangeFailed(f"records: HTTP {status}{_reason(content)}")
-        if not stream["complete"]:
+        if not complete:
             raise ExchangeFailed("records: the stream ended early")
 
-        unlisted = yield self._unlisted_records(buckets, listed)
-        for body in self._repair_bodies(unlisted, to_peer_tombstones):
-            status, content = yield self.client.request("POST", peer, REPAIR_PATH, body, timeout=timeout)
+    @defer.inlineCallbacks
+    def _push_repairs(self, peer, buckets, ledger):
+        """Step 4: our live requests of ``buckets`` the peer did not list and
+        the deletes it missed go to the peer, in bodies within its limit; its
+        answers (the deletes we missed) are applied here."""
+        unlisted = yield self._unlisted_records(buckets, ledger.listed)
+        ledger.sent(len(unlisted))
+        for body in self._repair_bodies(unlisted, ledger.to_peer):
+            status, content = yield self.client.request("POST", peer, REPAIR_PATH, body,
+                                                        timeout=self._bulk_timeout())
             if status != 200:
                 raise ExchangeFailed(f"repair: HTTP {status}{_reason(content)}")
             try:
-                answer = json.loads(content)["data"]
-                deletes, prompt_deletes = answer["deleted"], answer["prompt_deleted"]
+                ledger.peer_answer(json.loads(content)["data"])
             except (ValueError, KeyError, TypeError):
                 raise ExchangeFailed("repair: not a repair answer") from None
-            for request_id in deletes:
-                if isinstance(request_id, str) and request_id:
-                    node.merge_tombstone(request_id, TOMB_DELETED)
-            for request_id in prompt_deletes:
-                if isinstance(request_id, str) and request_id:
-                    node.merge_tombstone(request_id, TOMB_PROMPT)
-            tally["deleted"] += len(deletes)
-            tally["prompt_deleted"] += len(prompt_deletes)
-            tally["peer_adopted"] += answer.get("adopted", 0) if isinstance(answer.get("adopted"), int) else 0
-            tally["peer_unresolved"] += answer.get("unresolved", 0) if isinstance(
-                answer.get("unresolved"), int) else 0
-
-        sent_deletes = sum(1 for _, kind in to_peer_tombstones if kind == TOMB_DELETED)
-        for kind, count in (("adopted", tally[ADOPTED]), ("prompt_deleted", tally[MERGED] + tally["prompt_deleted"]),
-                            ("deleted", tally["deleted"]), ("sent_requests", len(unlisted)),
-                            ("sent_deletes", sent_deletes),
-                            ("sent_prompt_deletes", len(to_peer_tombstones) - sent_deletes)):
-            if count:
-                self.metrics.repairs.labels(kind).inc(count)
-        outcome = {
-            "result": "repaired", "clusters": clusters, "listed": len(listed),
-            ADOPTED: tally[ADOPTED], "prompt_deleted": tally[MERGED] + tally["prompt_deleted"],
-            "deleted": tally["deleted"], "sent_requests": len(unlisted), "sent_deletes": sent_deletes,
-            "sent_prompt_deletes": len(to_peer_tombstones) - sent_deletes, "peer_adopted": tally["peer_adopted"],
-            UNRESOLVED: tally[UNRESOLVED] + tally["peer_unresolved"], "invalid": tally["invalid"],
-        }
-        outcome["changed"] = any(outcome[k] for k in (ADOPTED, "prompt_deleted", "deleted", "peer_adopted",
-                                                       "sent_deletes", "sent_prompt_deletes"))
-        return outcome
 
     def _unlisted_records(self, buckets, listed):
         """This node's live requests in ``buckets`` ({cluster: set}) the peer
         did not list, found a chunk per reactor turn."""
         found = []
 
-        def scan():
-            looked = 0
-            for record in self.node.state.iter_requests():
+        def visit(records):
+            for record in records:
                 wanted = buckets.get(record[1])
                 if wanted is not None and record[0] not in listed and bucket_of(record[0]) in wanted:
                     found.append(record)
-                looked += 1
-                if looked % SCAN_CHUNK == 0:
-                    yield None
 
-        d = self._cooperator.cooperate(scan()).whenDone()
+        d = scan(self.node.cooperate, self.node.state.iter_requests(), SCAN_CHUNK, visit)
         return d.addCallback(lambda _: found)
 
     def _repair_bodies(self, records, tombstones):
@@ -481,4 +384,3 @@ def _summary(outcome):
     return ", ".join(f"{key} {outcome[key]}" for key in (
         ADOPTED, "prompt_deleted", "deleted", "peer_adopted", "sent_deletes", "sent_prompt_deletes", UNRESOLVED)
         if outcome.get(key))
-

@@ -18,9 +18,11 @@ import dns.exception
 import dns.nameserver
 import dns.resolver
 from prometheus_client import REGISTRY, Counter, Gauge
-from twisted.application.service import Service
-from twisted.internet import defer, task, threads
-from twisted.logger import Logger
+from twisted.application.service import MultiService
+from twisted.internet import defer, threads
+
+from metacenter.runtime import logs
+from metacenter.runtime.periodic import Periodic
 
 DEFAULT_LOOKUP_TIMEOUT = 2.0  # seconds for a whole lookup; one try gets half of it
 DEFAULT_FAILURE_LOG_INTERVAL = 60.0  # an ongoing failure is logged again at most this often
@@ -98,6 +100,7 @@ def resolve_addresses(resolver, domain):
 
 
 def describe_failure(error):
+    """A lookup's exception -> a short reason for the log."""
     if isinstance(error, LookupFailed):
         return error.reason
     if isinstance(error, dns.resolver.NXDOMAIN):
@@ -112,6 +115,9 @@ def describe_failure(error):
 
 
 class DiscoveryMetrics:
+    """The reference's ``dns_lookup_hosts`` and ``domain_requests`` series,
+    and ``metacenter_dns_lookup_failures_total``."""
+
     def __init__(self, registry=REGISTRY):
         self.hosts = Gauge(
             "dns_lookup_hosts", "1 for every peer found through the DNS name.", ["domain", "host"], registry=registry
@@ -123,16 +129,21 @@ class DiscoveryMetrics:
         )
 
 
-class PeerDiscovery(Service):
+class PeerDiscovery(MultiService):
     """``peers`` is the current frozenset of (host, port); ``add_listener(fn)``
-    has ``fn(joined, left)`` called (on the reactor thread) after every change.
+    has ``fn(joined, left)`` (frozensets) called on the reactor thread after
+    every change.
 
     The first change happens in ``startService``: the static peers join. Then the
-    DNS name, if any, is resolved at once and every ``interval`` seconds.
+    DNS name, if any, is resolved at once and every ``interval`` seconds
+    (a ``Periodic`` child). Lookups take at most ``lookup_timeout`` seconds;
+    a failing lookup is logged at once, and while it keeps failing the same
+    way at most every ``failure_log_interval`` seconds. ``logger`` defaults
+    to ``logs.logger("metacenter.cluster.discovery")``, so the live log level
+    (``POST /log/level``) governs it.
     """
 
     name = "peer-discovery"
-    log = Logger(namespace="metacenter.cluster.discovery")
 
     def __init__(
         self,
@@ -151,6 +162,7 @@ class PeerDiscovery(Service):
         logger=None,
         failure_log_interval=DEFAULT_FAILURE_LOG_INTERVAL,
     ):
+        super().__init__()
         if clock is None:
             from twisted.internet import reactor as clock
         self.domain = domain
@@ -162,24 +174,26 @@ class PeerDiscovery(Service):
         self._clock = clock
         self._run_in_thread = run_in_thread or threads.deferToThread
         self._metrics = DiscoveryMetrics(registry)
-        if logger is not None:
-            self.log = logger
-        self._failure_log_interval = failure_log_interval
+        self.log = logger if logger is not None else logs.logger("metacenter.cluster.discovery")
+        self._failure_log = logs.ThrottledLog(self.log, clock, failure_log_interval,
+                                              suppressed_note=" ({suppressed} similar failures not logged)")
 
         self._peers = frozenset()
         self._dns_hosts = frozenset()  # addresses from the last good lookup, own ones excluded
         self._listeners = []
-        self._loop = None
         self._in_flight = None
         self._waiters = []
-        self._failure_reason = None  # set while lookups fail
-        self._failure_logged_at = None
-        self._failures_since_logged = 0
+        self._failing = False  # while lookups fail
         self._failures_in_a_row = 0
         if domain:
             # Export the series at 0 before the first lookup.
             self._metrics.requests.labels(domain)
             self._metrics.failures.labels(domain)
+            # Detached: a stopping node does not wait for a lookup in its
+            # thread (its answer is ignored); lookup_now never fails and
+            # lookups never overlap.
+            Periodic(interval, self.lookup_now, what="peer lookup", clock=clock, detached=True,
+                     log=self.log).setServiceParent(self)
 
     @classmethod
     def from_config(cls, config, **kwargs):
@@ -196,9 +210,11 @@ class PeerDiscovery(Service):
 
     @property
     def peers(self):
+        """The current peers: a frozenset of (host, port)."""
         return self._peers
 
     def add_listener(self, listener):
+        """``listener(joined, left)`` is called after every change."""
         self._listeners.append(listener)
 
     def remove_listener(self, listener):
@@ -207,26 +223,9 @@ class PeerDiscovery(Service):
     # -- service ------------------------------------------------------------------
 
     def startService(self):
-        super().startService()
+        # The static peers join before the first lookup starts.
         self._publish(self.static_peers | self._dns_peers(self._dns_hosts), source="static")
-        if self.domain:
-            self._loop = task.LoopingCall(self._tick)
-            self._loop.clock = self._clock
-            self._loop.start(self.interval, now=True).addErrback(
-                lambda failure: self.log.failure("Peer lookup loop stopped", failure)
-            )
-
-    def stopService(self):
-        # A lookup still running in its thread is ignored when it returns.
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
-        return super().stopService()
-
-    def _tick(self):
-        # lookup_now never fails, so the loop never stops on an error; the loop
-        # waits for it, so lookups never overlap.
-        return self.lookup_now()
+        super().startService()
 
     # -- lookups ------------------------------------------------------------------
 
@@ -252,14 +251,14 @@ class PeerDiscovery(Service):
     def _lookup_succeeded(self, addresses):
         if not self.running:
             return
-        if self._failure_reason is not None:
+        if self._failing:
             self.log.info(
                 "Peer lookup of {domain} works again after {failures} failed lookups",
                 domain=self.domain, failures=self._failures_in_a_row,
             )
-        self._failure_reason = None
+        self._failing = False
         self._failures_in_a_row = 0
-        self._failures_since_logged = 0
+        self._failure_log.reset(self.domain)
         hosts = frozenset(addresses - self.own_addresses)
         for host in hosts - self._dns_hosts:
             self._metrics.hosts.labels(self.domain, host).set(1)
@@ -273,26 +272,15 @@ class PeerDiscovery(Service):
             return
         self._metrics.failures.labels(self.domain).inc()
         self._failures_in_a_row += 1
-        expected = failure.check(dns.exception.DNSException, LookupFailed, OSError)
+        self._failing = True
         reason = describe_failure(failure.value)
-        now = self._clock.seconds()
-        # Log a new kind of failure at once, the same one again only now and then.
-        if (reason != self._failure_reason or self._failure_logged_at is None
-                or now - self._failure_logged_at >= self._failure_log_interval):
-            fields = dict(domain=self.domain, reason=reason, peers=len(self._peers),
-                          suppressed=self._failures_since_logged)
-            message = "Peer lookup of {domain} failed: {reason}; keeping the {peers} known peers"
-            if self._failures_since_logged:
-                message += " ({suppressed} similar failures not logged)"
-            if expected:
-                self.log.warn(message, **fields)
-            else:
-                self.log.failure(message, failure, **fields)
-            self._failure_logged_at = now
-            self._failures_since_logged = 0
+        fields = dict(domain=self.domain, reason=reason, peers=len(self._peers))
+        message = "Peer lookup of {domain} failed: {reason}; keeping the {peers} known peers"
+        # A new kind of failure is logged at once, the same one again only now and then.
+        if failure.check(dns.exception.DNSException, LookupFailed, OSError):
+            self._failure_log.emit(self.domain, reason, "warn", message, **fields)
         else:
-            self._failures_since_logged += 1
-        self._failure_reason = reason
+            self._failure_log.emit(self.domain, reason, "failure", message, failure=failure, **fields)
 
     def _lookup_done(self, _):
         self._in_flight = None

@@ -38,8 +38,8 @@ from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
 from metacenter.cluster.discovery import format_peer
-from metacenter.runtime.logs import logger
 from metacenter.core.events import EVENT_ADD, EVENT_CACHE_SAVE, LOAD_EVENT_TYPES
+from metacenter.runtime.logs import ThrottledLog, logger
 
 log = logger("metacenter.cluster.replication")
 
@@ -61,7 +61,6 @@ _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 # -- transport -----------------------------------------------------------------
 
 
-@implementer(IBodyProducer)
 def event_body(event_type, event):
     """The JSON object a replicated event carries (the original request, with
     its timestamp), as the reference sends it."""
@@ -74,6 +73,7 @@ def event_body(event_type, event):
     return {"request_id": event.request_id, "timestamp": event.timestamp}
 
 
+@implementer(IBodyProducer)
 class BytesProducer:
     """A request body written in one go: treq's default producer spends a
     cooperator step (a reactor turn) per request."""
@@ -154,7 +154,14 @@ def make_http_client(reactor, dial_timeout=0.5, max_idle_conns=100, idle_conn_ti
 
 class PeerClient:
     """Requests to peers: signed when the authenticator has a secret, each
-    bounded by a timeout that covers connecting, sending and reading."""
+    bounded by a timeout (seconds of ``clock``) that covers connecting,
+    sending and reading.
+
+    ``http_client`` is anything with treq's ``request(method, url, data=,
+    headers=, allow_redirects=, unbuffered=)``: ``make_http_client``'s in a
+    process, treq's ``StubTreq`` over another node's API resource in tests.
+    ``pool`` (optional) is closed by ``close()``.
+    """
 
     def __init__(self, http_client, clock, authenticator=None, request_timeout=1.0, pool=None):
         self._http = http_client
@@ -265,6 +272,8 @@ class SendFailed(Exception):
 
 
 def describe_error(failure):
+    """A request's Failure -> a short reason for the log ("timed out", or
+    the exception's type and message)."""
     if failure.check(defer.TimeoutError, defer.CancelledError):
         return "timed out"
     error = failure.value
@@ -275,6 +284,9 @@ def describe_error(failure):
 
 
 class ReplicationMetrics:
+    """The ``metacenter_replication_*`` series, labelled by peer;
+    ``forget(peer)`` drops a peer's series when it leaves."""
+
     def __init__(self, registry):
         self.registry = r = registry
         self.queue_depth = Gauge("metacenter_replication_queue_depth", "Events waiting to be sent to a peer.",
@@ -331,7 +343,6 @@ class PeerLink:
         self._next_token = 0
         self.failures_in_a_row = 0
         self.resume_at = 0.0
-        self._failure_logged_at = None
         self._wakeup = None
         self._last_batch_at = float("-inf")  # when the previous batch left
         self.sent = self.failed = self.dropped = 0
@@ -351,6 +362,8 @@ class PeerLink:
     # -- queue -------------------------------------------------------------------
 
     def enqueue(self, item):
+        """Queues ``(event_type, event, trace_id, enqueued_at)``, dropping the
+        oldest event if the queue is full, and schedules a send."""
         queue = self.queue
         if len(queue) >= self._r.queue_size:
             queue.popleft()
@@ -552,7 +565,7 @@ class PeerLink:
             log.info("replication to {peer} works again after {failures} failed requests",
                      peer=self.name, failures=self.failures_in_a_row)
             self.failures_in_a_row = 0
-            self._failure_logged_at = None
+            self._r.failure_log.reset(self.name)
         self.resume_at = 0.0
 
     def _failed(self, items, reason):
@@ -561,11 +574,12 @@ class PeerLink:
         self._m_failed.inc(len(items))
         self._requeue(items)
         self._back_off()
-        now = self._clock.seconds()
-        if self._failure_logged_at is None or now - self._failure_logged_at >= FAILURE_LOG_INTERVAL:
-            self._failure_logged_at = now
-            log.warn("replication to {peer} failing ({reason}); {queued} events queued, retrying with back-off",
-                     peer=self.name, reason=reason, queued=len(self.queue), failures=self.failures_in_a_row)
+        # Throttled whatever the reason: a peer that is down fails in
+        # changing ways (refused, timed out, 503) and is one condition.
+        self._r.failure_log.emit(
+            self.name, None, "warn",
+            "replication to {peer} failing ({reason}); {queued} events queued, retrying with back-off",
+            peer=self.name, reason=reason, queued=len(self.queue), failures=self.failures_in_a_row)
 
     def _back_off(self):
         self.failures_in_a_row += 1
@@ -605,6 +619,8 @@ class PeerLink:
         return max(0.0, self._clock.seconds() - min(oldest))
 
     def status(self):
+        """The peer's replication status for ``GET /status``: mode, queue
+        depth, sent/failed/dropped counts, lag in ms."""
         return {"peer": self.name, "mode": self.mode, "queue_depth": len(self.queue), "sent": self.sent,
                 "failed": self.failed, "dropped": self.dropped, "lag_ms": round(self.lag_seconds() * 1000, 3)}
 
@@ -618,17 +634,25 @@ class PeerLink:
             self._count_dropped(len(self.queue))
             self.queue.clear()
         self._r.metrics.forget(self.name)
+        self._r.failure_log.reset(self.name)
 
 
 class Replicator(Service):
-    """Fans accepted client mutations out to the peers (``peers_changed`` is a
-    ``PeerDiscovery`` listener) and reports per-peer status for the node."""
+    """Fans accepted client mutations out to the peers: ``event_accepted`` is
+    a node event listener (``Node(listeners=...)``), ``peers_changed`` a
+    ``PeerDiscovery`` listener, ``peer_status`` the node's peer-status source.
+
+    ``client`` is a ``PeerClient``; ``registry`` takes the
+    ``metacenter_replication_*`` series. Batches hold up to ``batch_size``
+    events and ``max_batch_bytes`` bytes and leave ``batch_interval`` seconds
+    apart at most; each peer queues up to ``queue_size`` events; a reference
+    peer is asked for batches again every ``probe_interval`` seconds.
+    """
 
     name = "replication"
 
-    def __init__(self, node, client, clock, *, batch_size=128, batch_interval=0.005, queue_size=100000,
-                 max_batch_bytes=65536, probe_interval=60.0, registry=None):
-        self.node = node
+    def __init__(self, client, clock, *, registry, batch_size=128, batch_interval=0.005, queue_size=100000,
+                 max_batch_bytes=65536, probe_interval=60.0):
         self.client = client
         self.clock = clock
         self.batch_size = batch_size
@@ -636,13 +660,14 @@ class Replicator(Service):
         self.queue_size = queue_size
         self.max_batch_bytes = max_batch_bytes
         self.probe_interval = probe_interval
-        self.metrics = ReplicationMetrics(registry if registry is not None else node.metrics.registry)
+        self.metrics = ReplicationMetrics(registry)
+        self.failure_log = ThrottledLog(log, clock, FAILURE_LOG_INTERVAL)
         self.links = {}  # (host, port) -> PeerLink
         self._link_list = ()
-        node.event_listeners.append(self.event_accepted)
-        node.peer_status = self.peer_status
 
     def peers_changed(self, joined, left):
+        """A ``PeerDiscovery`` listener: links for new peers, and the queues
+        and series of peers that left are dropped."""
         for peer in left:
             link = self.links.pop(peer, None)
             if link is not None:
@@ -673,6 +698,7 @@ class Replicator(Service):
             link.draining = False
 
     def peer_status(self):
+        """One ``PeerLink.status()`` dict per peer, sorted by peer."""
         return [self.links[peer].status() for peer in sorted(self.links)]
 
     @defer.inlineCallbacks

@@ -8,22 +8,23 @@ streams (anti-entropy), one JSON value per line.
     {"end":true,"requests":n,"tombstones":n,"cache_engines":n}    the stream is complete
 
 The sender writes it in chunks of at most ``CHUNK`` entries looked at, one
-chunk per producer step, under the HTTP connection's back-pressure, so a
-million requests never stall the reactor nor fill memory with one body. The
+chunk per step of the node's cooperator (a reactor turn), paused by the HTTP
+connection's back-pressure, so a million requests never stall the reactor
+nor fill memory with one body. The
 receiver validates every entry like a client request before merging it;
 ``created_s`` carries the request's birth, so expiry deadlines travel along.
 """
 
 import json
-from itertools import islice
 
-from twisted.internet import defer
-from twisted.internet.interfaces import IPullProducer
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from metacenter.core.errors import InvalidInput
 from metacenter.core.fields import INT32_MAX, int_field, ip_field, is_uint64, required_string
 from metacenter.core.load import TOMB_DELETED, TOMB_PROMPT
+from metacenter.runtime.turns import in_chunks
 
 FORMAT = 1
 CHUNK = 1000
@@ -36,6 +37,8 @@ _decode = json.JSONDecoder().decode
 
 
 def record_entry(record):
+    """A live request's record tuple (``LoadState.iter_requests``) -> its
+    ``["r", ...]`` entry."""
     request_id, cluster, ip, prompt_length, prompt_deleted, created_s = record
     return ["r", request_id, cluster, ip, prompt_length, 1 if prompt_deleted else 0, created_s]
 
@@ -45,17 +48,16 @@ def _lines(entries):
 
 
 def state_chunks(node, clusters=None, tombstones=True, cache=True, keep=None):
-    """bytes chunks of a snapshot of ``node``: everything, or the live requests
-    of the given clusters only (``clusters`` a set, for anti-entropy), and of
-    those only the records for which ``keep(record)`` is true."""
+    """A generator of bytes chunks (whole lines, possibly empty) of a
+    snapshot of ``node``: everything, or the live requests of the given
+    clusters only (``clusters`` a set, for anti-entropy), and of those only
+    the records for which ``keep(record)`` is true. Each chunk looks at no
+    more than ``CHUNK`` entries (requests, tombstones; fewer cache engines,
+    which hold many hashes each), so the consumer paces the walk."""
     state = node.state
     yield _lines([{"snapshot": FORMAT, "node": node.advertise, "time": int(node.clock.seconds() * 1e9)}])
     counts = {"requests": 0, "tombstones": 0, "cache_engines": 0}
-    requests = state.iter_requests()
-    while True:
-        looked = list(islice(requests, CHUNK))
-        if not looked:
-            break
+    for looked in in_chunks(state.iter_requests(), CHUNK):
         if clusters is not None:
             looked = [r for r in looked if r[1] in clusters]
         if keep is not None:
@@ -63,58 +65,72 @@ def state_chunks(node, clusters=None, tombstones=True, cache=True, keep=None):
         counts["requests"] += len(looked)
         yield _lines(record_entry(r) for r in looked)
     if tombstones:
-        stones = state.iter_tombstones()
-        while True:
-            looked = list(islice(stones, CHUNK))
-            if not looked:
-                break
+        for looked in in_chunks(state.iter_tombstones(), CHUNK):
             counts["tombstones"] += len(looked)
             yield _lines(["t", request_id, kind, created_s] for request_id, kind, created_s in looked)
-    index = node.cache if cache and clusters is None else None
-    if index is not None and hasattr(index, "iter_snapshot"):
-        engines = index.iter_snapshot()
-        while True:
-            looked = list(islice(engines, max(1, CHUNK // 100)))  # an engine holds many hashes
-            if not looked:
-                break
+    if cache and clusters is None:
+        for looked in in_chunks(node.cache.iter_snapshot(), max(1, CHUNK // 100)):
             counts["cache_engines"] += len(looked)
             yield _lines(["c", cluster, ip, hashes] for cluster, ip, hashes in looked)
     yield _lines([dict(end=True, **counts)])
 
 
-@implementer(IPullProducer)
+@implementer(IPushProducer)
 class ChunkProducer:
-    """Writes ``chunks`` to a twisted.web request, one per ``resumeProducing``
-    (the connection asks again when it has room); ``done`` fires when the
-    stream ended or the client went away."""
+    """Writes ``chunks`` (an iterator of bytes, e.g. ``state_chunks``) to a
+    twisted.web request, one chunk per step of ``cooperate`` (the node's
+    cooperator, ``Node.cooperate``: a chunk per reactor turn), pausing while
+    the connection's buffer is full. ``start()`` returns ``done``, which
+    fires with None when the stream ended or the client went away, and
+    fails with what building a chunk raised (the caller then aborts the
+    connection: a stream without its end line is incomplete to the reader).
+    """
 
-    def __init__(self, request, chunks):
+    def __init__(self, request, chunks, cooperate=task.cooperate):
         self._request = request
         self._chunks = chunks
+        self._cooperate = cooperate
+        self._task = None
+        self._paused = False
         self.done = defer.Deferred()
 
     def start(self):
-        self._request.registerProducer(self, False)
+        self._request.registerProducer(self, True)
+        self._task = self._cooperate(self._write_all())
+        self._task.whenDone().addCallbacks(self._finished, self._failed)
         return self.done
 
-    def resumeProducing(self):
-        if self.done.called:
-            return
-        try:
-            chunk = next(self._chunks, None)
-        except Exception:
-            self._request.unregisterProducer()
-            self.done.errback()
-            return
-        if chunk is None:
+    def _write_all(self):
+        write = self._request.write
+        for chunk in self._chunks:
+            if chunk:
+                write(chunk)
+            yield None
+
+    def _finished(self, _):
+        if not self.done.called:
             self._request.unregisterProducer()
             self.done.callback(None)
-        elif chunk:
-            self._request.write(chunk)
+
+    def _failed(self, failure):
+        if not self.done.called:  # else stopProducing ended it: the client went away
+            self._request.unregisterProducer()
+            self.done.errback(failure)
+
+    def pauseProducing(self):
+        if not self._paused and not self.done.called:
+            self._paused = True
+            self._task.pause()
+
+    def resumeProducing(self):
+        if self._paused and not self.done.called:
+            self._paused = False
+            self._task.resume()
 
     def stopProducing(self):
         if not self.done.called:
             self.done.callback(None)
+            self._task.stop()
 
 
 # -- decoding --------------------------------------------------------------------
@@ -165,6 +181,8 @@ def parse_cache_entry(item):
 
 
 def decode_line(line):
+    """A snapshot line (bytes, no newline) -> its JSON value; InvalidInput
+    if it is not UTF-8 JSON."""
     try:
         return _decode(line.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
@@ -174,7 +192,14 @@ def decode_line(line):
 class SnapshotMerger:
     """Merges a peer's snapshot, line by line, into a node: every entry is
     an order-insensitive merge, so events arriving meanwhile (or a second
-    snapshot after a broken one) never count twice."""
+    snapshot after a broken one) never count twice.
+
+    ``line(raw)`` takes each line; an invalid entry is counted (``invalid``,
+    ``first_error``) and skipped, an unknown format header raises
+    InvalidInput. ``complete`` turns True with the end line (``expected``
+    holds its counts); ``merged`` counts requests, tombstones and cache
+    engines; ``listed``, if a set is given, receives the ids of the peer's
+    live requests."""
 
     def __init__(self, node, listed=None):
         self._node = node
@@ -206,8 +231,7 @@ class SnapshotMerger:
                 self._node.merge_tombstone(*parse_tombstone(entry))
                 self.merged["tombstones"] += 1
             elif tag == "c":
-                if self._node.cache is not None:
-                    self._node.cache.apply_snapshot(*parse_cache_entry(entry))
+                self._node.cache.apply_snapshot(*parse_cache_entry(entry))
                 self.merged["cache_engines"] += 1
             else:
                 raise InvalidInput("unknown snapshot entry")

@@ -32,18 +32,18 @@ safe side: a deleted request is never brought back.
 """
 
 import random
-from itertools import islice
 from time import perf_counter
 
 from prometheus_client import Counter, Gauge
 from twisted.application.service import Service
-from twisted.internet import defer, task
+from twisted.internet import defer
 
 from metacenter.cluster.discovery import format_peer
-from metacenter.runtime.logs import logger
-from metacenter.runtime.turns import chunk_per_turn
 from metacenter.cluster.snapshot import SnapshotMerger
 from metacenter.core.load import TOMB_DELETED
+from metacenter.runtime.logs import logger
+from metacenter.runtime.periodic import Periodic
+from metacenter.runtime.turns import scan
 
 log = logger("metacenter.cluster.warmstart")
 
@@ -52,13 +52,21 @@ SCAN_CHUNK = 2000  # local requests looked at per reactor turn when resyncing
 
 
 class WarmStart(Service):
-    """``done`` fires (with a summary dict) when the node became ready."""
+    """Takes a peer's snapshot into ``node`` at start, and again on
+    ``resync``. ``client`` is a ``PeerClient``, ``discovery`` a
+    ``PeerDiscovery`` (``lookup_now()``, ``peers``), ``timeout`` the seconds
+    a warm start or resync may take in all. It holds ``readiness`` (a
+    ``runtime.node.Readiness``; the node's if None) from construction on and
+    releases it when done. ``done`` fires (with a summary dict: ``outcome``,
+    ``peer``, ``merged`` counts, ``seconds``) when the node became ready.
+    """
 
     name = "warm-start"
 
     def __init__(self, node, client, discovery, clock, timeout=30.0, registry=None, shuffle=random.shuffle,
-                 before_resync=None):
+                 before_resync=None, readiness=None):
         self.node = node
+        self.readiness = readiness if readiness is not None else node.readiness
         # Deferred-returning callable run before a resync takes its snapshot
         # (the replicator sends what it has queued).
         self._before_resync = before_resync
@@ -77,8 +85,7 @@ class WarmStart(Service):
                                 ["outcome"], registry=registry)
         # Not ready from construction on: /readyz must never answer 200 before
         # the warm start had its chance.
-        node.ready = False
-        node.not_ready_reason = "warm start: fetching the state from a peer"
+        self.readiness.hold("warm start: fetching the state from a peer")
 
     def when_done(self):
         """A new Deferred firing when the node is ready (``done`` chains callbacks)."""
@@ -159,8 +166,7 @@ class WarmStart(Service):
         if self.summary is not None:
             return
         self.summary = summary
-        self.node.ready = True
-        self.node.not_ready_reason = None
+        self.readiness.release()
         self._seconds.set(summary.get("seconds", 0.0))
         self.done.callback(summary)
 
@@ -173,8 +179,7 @@ class WarmStart(Service):
         if self.summary is None or self.resyncing is not None:
             return defer.succeed({"outcome": "skipped"})
         log.warn("resync: {reason}; taking a peer's state", reason=reason)
-        self.node.ready = False
-        self.node.not_ready_reason = f"resync: {reason}"
+        self.readiness.hold(f"resync: {reason}")
         self.resyncing = self._resync(away_since)
         self.resyncing.addErrback(self._resync_crashed)
         self.resyncing.addBoth(self._resync_done)
@@ -186,8 +191,7 @@ class WarmStart(Service):
 
     def _resync_done(self, summary):
         self.resyncing = None
-        self.node.ready = True
-        self.node.not_ready_reason = None
+        self.readiness.release()
         self._resyncs.labels(summary.get("outcome", "?")).inc()
         return summary
 
@@ -218,50 +222,39 @@ class WarmStart(Service):
 
     def _delete_unlisted(self, listed, away_since):
         """Deletes this node's live requests born before ``away_since`` that
-        the peer's snapshot did not hold, a chunk per reactor turn."""
+        the peer's snapshot did not hold, a chunk per reactor turn; a
+        Deferred of how many."""
         node = self.node
         deleted = [0]
 
-        def scan():
-            requests = node.state.iter_requests()  # a copy of the ids: deleting meanwhile is safe
-            while True:
-                chunk = list(islice(requests, SCAN_CHUNK))
-                if not chunk:
-                    return
-                for request_id, _, _, _, _, created_s in chunk:
-                    if created_s < away_since and request_id not in listed:
-                        node.merge_tombstone(request_id, TOMB_DELETED)
-                        deleted[0] += 1
-                yield None
+        def visit(records):
+            for request_id, _, _, _, _, created_s in records:
+                if created_s < away_since and request_id not in listed:
+                    node.merge_tombstone(request_id, TOMB_DELETED)
+                    deleted[0] += 1
 
-        return chunk_per_turn(self.clock).cooperate(scan()).whenDone().addCallback(lambda _: deleted[0])
+        # iter_requests copies the ids first: deleting meanwhile is safe.
+        d = scan(node.cooperate, node.state.iter_requests(), SCAN_CHUNK, visit)
+        return d.addCallback(lambda _: deleted[0])
 
 
-class StallWatch(Service):
-    """Calls ``on_stall(stopped_at, seconds)`` when the process did not run
-    for more than ``threshold`` seconds (wall clock jumped between ticks)."""
+class StallWatch(Periodic):
+    """Calls ``on_stall(stopped_at, seconds)`` (this clock's seconds) when
+    the process did not run for more than ``threshold`` seconds: the clock
+    jumped between two ticks ``tick`` seconds apart."""
 
     name = "stall-watch"
 
     def __init__(self, clock, threshold, on_stall, tick=1.0):
-        self.clock = clock
+        super().__init__(tick, self._check, what="stall watch", clock=clock, now=False, log=log)
         self.threshold = threshold
         self.on_stall = on_stall
         self.tick = tick
-        self._loop = None
         self._last = None
 
     def startService(self):
-        super().startService()
         self._last = self.clock.seconds()
-        self._loop = task.LoopingCall(self._check)
-        self._loop.clock = self.clock
-        self._loop.start(self.tick, now=False).addErrback(lambda f: log.failure("stall watch stopped", f))
-
-    def stopService(self):
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        return super().stopService()
+        super().startService()
 
     def _check(self):
         now = self.clock.seconds()

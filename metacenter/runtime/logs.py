@@ -30,21 +30,22 @@ _current = ["INFO"]
 
 
 def logger(namespace):
+    """A ``twisted.logger.Logger`` for ``namespace`` whose events pass the
+    live level filter (``set_level``, ``POST /log/level``) before they reach
+    the global log publisher."""
     return Logger(namespace=namespace, observer=_filtered)
 
 
 def set_level(wire_name):
+    """Sets the level of every ``logger(...)``: one of ``WIRE_LEVELS``'s
+    names (KeyError for another)."""
     _predicate.setLogLevelForNamespace(None, WIRE_LEVELS[wire_name])
     _current[0] = wire_name
 
 
 def current_level():
+    """The wire name of the current level, e.g. ``"INFO"``."""
     return _current[0]
-
-
-def enabled(level):
-    """Cheap check before building an expensive log event."""
-    return level >= _predicate.logLevelForNamespace(None)
 
 
 class ThrottledLog:
@@ -55,23 +56,36 @@ class ThrottledLog:
     ``clock`` provides ``seconds()``. ``emit(key, reason, method, format,
     **fields)`` calls ``logger.<method>(format, **fields)`` when due and
     returns whether it did; ``reset(key)`` forgets a condition that ended, so
-    its next occurrence is logged at once.
+    its next occurrence is logged at once. Keys are few (peers, routes):
+    reset the key of a peer that left.
+
+    With ``suppressed_note`` (a format such as ``" ({suppressed} similar
+    failures not logged)"``), a message that follows suppressed ones of its
+    key gets the note appended and a ``suppressed`` field (their count).
     """
 
-    def __init__(self, logger, clock, interval):
+    def __init__(self, logger, clock, interval, suppressed_note=None):
         self._logger = logger
         self._clock = clock
         self._interval = interval
-        self._last = {}  # key -> (seconds, reason); keys are few (peers, routes)
+        self._note = suppressed_note
+        self._last = {}  # key -> [seconds, reason, suppressed since]
 
-    def emit(self, key, reason, method, format, **fields):
+    def emit(self, key, reason, method, format, /, **fields):
+        # Positional-only: a message may have fields named "reason" or "key".
         now = self._clock.seconds()
         previous = self._last.get(key)
         if previous is not None and previous[1] == reason and now - previous[0] < self._interval:
+            previous[2] += 1
             return False
-        self._last[key] = (now, reason)
+        suppressed = previous[2] if previous is not None else 0
+        self._last[key] = [now, reason, 0]
+        if suppressed and self._note is not None:
+            format += self._note
+            fields["suppressed"] = suppressed
         getattr(self._logger, method)(format, **fields)
         return True
 
     def reset(self, key):
+        """The condition of ``key`` ended: its next occurrence logs at once."""
         self._last.pop(key, None)

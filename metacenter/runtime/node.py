@@ -1,6 +1,11 @@
-"""The node: the load state plus what happens around each accepted mutation
-(metrics, replication). The HTTP layer and the replication receiver both call
-these methods; neither touches the state directly.
+"""The node: the load state and KV-cache index plus what happens around each
+accepted mutation (metrics, listeners such as replication). The HTTP layer
+and the replication receiver both call these methods; neither touches the
+state directly.
+
+``build_node`` is the one place that wires a node (makeService and the
+in-process test harnesses); everything a node uses is handed to ``Node`` when
+it is built, nothing is filled in afterwards.
 """
 
 import time
@@ -9,32 +14,86 @@ from twisted.internet import task
 
 from metacenter import __version__
 from metacenter.core.cache import CacheIndex
-from metacenter.runtime.metrics import CacheCollector, Metrics
-from metacenter.core.load import LoadState
 from metacenter.core.events import (EVENT_ADD, EVENT_CACHE_SAVE, EVENT_DELETE, LoadAdd, LoadDelete,
                                     ORIGIN_CLIENT)
+from metacenter.core.load import LoadState
+from metacenter.runtime.metrics import CacheCollector, Metrics
 
+
+class Readiness:
+    """Whether this node's state is complete enough to be served as the
+    cluster's (``/readyz``, the replica routes a starting peer reads), and if
+    not, why. Shared by the node (which reports it) and the jobs that decide
+    it (warm start, resync).
+
+    ``ready`` (bool) and ``reason`` (str, or None while ready) are read-only;
+    ``hold(reason)`` makes the node not ready, ``release()`` ready again.
+    """
+
+    def __init__(self):
+        self._reason = None
+
+    @property
+    def ready(self):
+        return self._reason is None
+
+    @property
+    def reason(self):
+        return self._reason
+
+    def hold(self, reason):
+        """Not ready, because of ``reason`` (a non-empty str for /readyz)."""
+        self._reason = reason
+
+    def release(self):
+        """Ready again."""
+        self._reason = None
+
+
+def _no_peers():
+    return []
 
 
 class Node:
-    def __init__(self, state, clock, metrics, advertise=""):
+    """One node's state and its collaborators, all given here:
+
+    - ``state``: the ``LoadState``; ``cache``: the ``CacheIndex``;
+      ``metrics``: the ``Metrics`` (its ``registry`` takes other series);
+      ``clock``: an ``IReactorTime`` (seconds as float).
+    - ``readiness``: a ``Readiness`` (``ready``/``not_ready_reason`` read it).
+    - ``cooperate``: runs big jobs a step at a time (``task.cooperate``'s
+      signature; ``turns.chunk_per_turn(clock).cooperate`` in a process).
+    - ``peer_status``: a callable returning the per-peer status list shown
+      in ``status()`` (the replicator's); no peers by default.
+    - ``listeners``: callables ``fn(event_type, event, trace_id)`` called for
+      every accepted client mutation (replication); ``event_listeners`` is
+      the list, which subscribers may append to.
+    - ``advertise``: this node's addresses, for status and snapshots.
+    """
+
+    def __init__(self, state, cache, metrics, clock, *, readiness, cooperate, peer_status=_no_peers, listeners=(),
+                 advertise=""):
         self.state = state
-        self.clock = clock
+        self.cache = cache
         self.metrics = metrics
+        self.clock = clock
+        self.readiness = readiness
+        self.cooperate = cooperate
+        self.peer_status = peer_status
+        self.event_listeners = list(listeners)
         self.advertise = advertise
         self.started_at_ns = int(time.time() * 1e9)
         self.version = __version__
-        # fn(event_type, event, trace_id) for every accepted client mutation.
-        self.event_listeners = []
-        # Set by the replication layer: not ready until the warm start is done.
-        self.ready = True
-        self.not_ready_reason = None
-        # Optional providers filled in by other services (replication, cache).
-        self.peer_status = lambda: []
-        # Runs big jobs in chunks (task.cooperate's signature); the service
-        # tree sets one that gives each chunk its own reactor turn.
-        self.cooperate = task.cooperate
-        self.cache = None
+
+    @property
+    def ready(self):
+        """True while the node serves a complete state (``Readiness``)."""
+        return self.readiness.ready
+
+    @property
+    def not_ready_reason(self):
+        """Why the node is not ready (str), None while it is."""
+        return self.readiness.reason
 
     def _stamped(self, event):
         """Events leaving this node carry a timestamp (set now if the client
@@ -47,7 +106,10 @@ class Node:
         return LoadDelete((event[0], now_ns))
 
     def apply(self, event_type, event, trace_id=None, origin=ORIGIN_CLIENT):
-        """Apply one validated load event; returns whether the state changed."""
+        """Apply one validated load event (``LoadAdd`` for ``EVENT_ADD``,
+        ``LoadDelete`` otherwise); returns whether the state changed. A
+        client's event is stamped with the time now if it has no timestamp
+        (ns) and goes to every listener."""
         self.metrics.observe_event_timestamp(event.timestamp, self.clock.seconds())
         if origin == ORIGIN_CLIENT:
             event = self._stamped(event)
@@ -67,7 +129,8 @@ class Node:
     def save_cache(self, event, trace_id=None, origin=ORIGIN_CLIENT):
         """Engine ``ip`` now holds the KV cache of ``prompt_hash``'s prefixes;
         ``event`` is (cluster, hashes, ip) from ``cache.parse_cache_save``.
-        Replicated like load events (saves are idempotent)."""
+        Replicated like load events (saves are idempotent). Returns whether
+        the index changed."""
         cluster, hashes, ip = event
         changed = self.cache.save(cluster, ip, hashes) > 0
         self.metrics.observe_event(EVENT_CACHE_SAVE, origin, changed)
@@ -86,6 +149,8 @@ class Node:
         return self.state.apply_tombstone(request_id, kind)
 
     def status(self):
+        """The ``GET /status`` data: version, counts, readiness, the peers'
+        replication status and each cluster's digest (live count, hex XOR)."""
         state = self.state
         return {
             "version": self.version,
@@ -102,6 +167,7 @@ class Node:
         }
 
     def overview(self):
+        """The ``GET /overview`` data: the time (ns) and every cluster's engines."""
         return {
             "time": int(self.clock.seconds() * 1e9),
             "clusters": [{"cluster": name, "engines": [e.as_dict() for e in c.engines.values()]}
@@ -110,16 +176,25 @@ class Node:
 
 
 def build_node(clock, *, request_expire=660.0, tombstone_ttl=60.0, cache_engine_blocks=None, cache_ttl=None,
-               cache_max_blocks=None, advertise=""):
+               cache_max_blocks=None, advertise="", registry=None, readiness=None, cooperate=None,
+               peer_status=_no_peers, listeners=()):
     """A node with its load table, KV-cache index and metrics wired together:
-    the one place that does it (makeService, in-process tests)."""
+    the one place that does it (makeService, in-process tests).
+
+    Times are seconds. ``registry``: the Prometheus registry for the node's
+    series (a new one if None). ``readiness``: a ``Readiness`` (ready if
+    None). ``cooperate``: the cooperator for big jobs (Twisted's global one if
+    None; a process passes ``turns.chunk_per_turn(reactor).cooperate``).
+    ``peer_status`` and ``listeners`` as for ``Node``.
+    """
     state = LoadState(clock, request_expire=request_expire, tombstone_ttl=tombstone_ttl)
-    metrics = Metrics(state)
-    node = Node(state, clock, metrics, advertise=advertise)
+    metrics = Metrics(state, registry)
     limits = {name: value for name, value in (("engine_blocks", cache_engine_blocks), ("ttl", cache_ttl),
                                               ("max_blocks", cache_max_blocks)) if value is not None}
-    node.cache = CacheIndex(clock, **limits)
+    cache = CacheIndex(clock, **limits)
     # An engine that left the load table took its KV cache with it.
-    state.engine_removed_callbacks.append(node.cache.engine_removed)
-    metrics.registry.register(CacheCollector(node.cache))
-    return node
+    state.engine_removed_callbacks.append(cache.engine_removed)
+    metrics.registry.register(CacheCollector(cache))
+    return Node(state, cache, metrics, clock, readiness=readiness if readiness is not None else Readiness(),
+                cooperate=cooperate if cooperate is not None else task.cooperate, peer_status=peer_status,
+                listeners=listeners, advertise=advertise)

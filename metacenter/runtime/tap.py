@@ -1,25 +1,33 @@
-"""``twistd metacenter``: options and the service tree of one node."""
+"""``twistd metacenter``: options and the service tree of one node.
+
+The tree (a ``MultiService``): the HTTP listener; the expiry sweep
+(``Periodic``); peer discovery (with its lookup timer); replication; warm
+start; anti-entropy (its rounds timer starts after the warm start); the
+stall watch. The node and its collaborators are built first, in one call
+(``build_node``).
+"""
 
 import gc
 import os
 
+from prometheus_client import CollectorRegistry
 from twisted.application import strports
-from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.python import usage
 
-from metacenter.runtime import config as config_module
-from metacenter.runtime import logs
-from metacenter.cluster.antientropy import AntiEntropy
 from metacenter.api.server import MetacenterAPI
+from metacenter.api.site import MetacenterSite
+from metacenter.cluster.antientropy import AntiEntropy
 from metacenter.cluster.auth import PeerAuthenticator
 from metacenter.cluster.discovery import PeerDiscovery
-from metacenter.runtime.node import build_node
 from metacenter.cluster.replication import PeerClient, Replicator, make_http_client
-from metacenter.api.site import MetacenterSite
+from metacenter.cluster.warmstart import StallWatch, WarmStart
+from metacenter.runtime import config as config_module
+from metacenter.runtime import logs
+from metacenter.runtime.node import Readiness, build_node
+from metacenter.runtime.periodic import Periodic
 from metacenter.runtime.sweeper import Sweeper
 from metacenter.runtime.turns import chunk_per_turn
-from metacenter.cluster.warmstart import StallWatch, WarmStart
 
 
 class Options(usage.Options):
@@ -62,23 +70,23 @@ for _setting in config_module.SETTINGS:
         setattr(Options, "opt_" + _setting.name.replace("-", "_"), _add_repeatable(_setting))
 
 
-def _add_cluster_services(top, cfg, node, api, metrics, reactor):
-    """Peers (discovery), their authentication, replication to them, the warm
-    start from them and anti-entropy with them."""
+def _peer_client(cfg, reactor):
+    """The transport to peers, signing requests when a cluster secret is set."""
     authenticator = PeerAuthenticator(cfg.cluster_secret)
-    if authenticator.enabled:
-        api.peer_auth = authenticator
-    else:
+    if not authenticator.enabled:
         logs.logger("metacenter.runtime.tap").warn(
             "no cluster secret (--cluster-secret or METACENTER_CLUSTER_SECRET): replication and snapshot "
             "requests between nodes are not authenticated")
-    discovery = PeerDiscovery.from_config(cfg, clock=reactor, registry=metrics.registry)
     http_client, pool = make_http_client(reactor, cfg.replica_dial_timeout, cfg.replica_max_idle_conns,
                                          cfg.replica_idle_conn_timeout, cfg.replica_keepalive_period)
     client = PeerClient(http_client, reactor, authenticator, cfg.replica_request_timeout, pool)
-    replicator = Replicator(node, client, reactor, batch_size=cfg.replica_batch_size,
-                            batch_interval=cfg.replica_batch_interval, queue_size=cfg.replica_queue_size,
-                            max_batch_bytes=cfg.max_body, probe_interval=cfg.replica_probe_interval)
+    return client, authenticator
+
+
+def _add_cluster_services(top, cfg, node, replicator, client, reactor):
+    """Peers (discovery), replication to them, the warm start from them,
+    anti-entropy with them and the stall watch, as children of ``top``."""
+    discovery = PeerDiscovery.from_config(cfg, clock=reactor, registry=node.metrics.registry)
     discovery.add_listener(replicator.peers_changed)
     replicator.setServiceParent(top)
     discovery.setServiceParent(top)
@@ -96,26 +104,38 @@ def _add_cluster_services(top, cfg, node, api, metrics, reactor):
 
 
 def makeService(options, reactor=None):
+    """The service tree of one node from parsed ``Options`` (or a resolved
+    ``config.Config``)."""
     if reactor is None:
         from twisted.internet import reactor
     cfg = options.resolved if hasattr(options, "resolved") else options
     logs.set_level(cfg.log_level)
 
+    # The replicator is the node's peer-status source and event listener,
+    # so it is built first, on the registry the node's metrics will use.
+    registry = CollectorRegistry(auto_describe=True)
+    client, authenticator = _peer_client(cfg, reactor)
+    replicator = Replicator(client, reactor, registry=registry, batch_size=cfg.replica_batch_size,
+                            batch_interval=cfg.replica_batch_interval, queue_size=cfg.replica_queue_size,
+                            max_batch_bytes=cfg.max_body, probe_interval=cfg.replica_probe_interval)
     node = build_node(reactor, request_expire=cfg.request_expire, tombstone_ttl=cfg.tombstone_ttl,
                       cache_engine_blocks=cfg.cache_engine_blocks, cache_ttl=cfg.cache_ttl,
-                      cache_max_blocks=cfg.cache_max_blocks, advertise=",".join(cfg.advertise))
-    node.cooperate = chunk_per_turn(reactor).cooperate
-    state, metrics = node.state, node.metrics
-    api = MetacenterAPI(node, metrics)
+                      cache_max_blocks=cfg.cache_max_blocks, advertise=",".join(cfg.advertise),
+                      registry=registry, readiness=Readiness(), cooperate=chunk_per_turn(reactor).cooperate,
+                      peer_status=replicator.peer_status, listeners=[replicator.event_accepted])
+    api = MetacenterAPI(node, node.metrics)
+    if authenticator.enabled:
+        api.peer_auth = authenticator
 
     top = MultiService()
     site = MetacenterSite(api.resource(), max_body=cfg.max_body, access_log=cfg.access_log, reactor=reactor)
     strports.service(cfg.listen, site, reactor=reactor).setServiceParent(top)
 
-    sweeper = Sweeper(state, metrics, reactor, cache=node.cache)
-    TimerService(cfg.gc_interval, sweeper.sweep).setServiceParent(top)
+    sweeper = Sweeper(node.state, node.metrics, node.cooperate, cache=node.cache)
+    Periodic(cfg.gc_interval, sweeper.sweep, what="expiry sweep", clock=reactor,
+             log=logs.logger("metacenter.runtime.sweeper")).setServiceParent(top)
 
-    _add_cluster_services(top, cfg, node, api, metrics, reactor)
+    _add_cluster_services(top, cfg, node, replicator, client, reactor)
 
     # Everything built so far lives as long as the process: move it out of the
     # cyclic collector's way, so full collections only walk what is new.

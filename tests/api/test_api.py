@@ -156,8 +156,7 @@ def test_health_endpoints(node):
     assert_ok(r, b)
     r, b = yield node.call_json("GET", "/readyz")
     assert_ok(r, b)
-    node.node.ready = False
-    node.node.not_ready_reason = "warm start in progress"
+    node.node.readiness.hold("warm start in progress")
     r, b = yield node.call_json("GET", "/readyz")
     assert_error(r, b, 503, 50301503, "warm start")
 

@@ -323,3 +323,39 @@ def test_a_separate_process_resolves_against_the_test_server(dns_server):
     )
     assert code == 0, err.decode()
     assert out.split() == [b"127.0.0.2", b"fd00::2"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_live_log_level_governs_discovery(dns_server):
+    """Discovery logs through metacenter's level filter: after POST
+    /log/level ERROR its warnings are dropped, after INFO they are back."""
+    from twisted.logger import globalLogPublisher
+
+    from harness import Harness as NodeHarness
+    from metacenter.runtime import logs
+
+    api = NodeHarness()
+    discovery = PeerDiscovery(NAME, dns_server=(dns_server.host, dns_server.port), lookup_timeout=0.5,
+                              clock=task.Clock(), registry=CollectorRegistry(), failure_log_interval=0.0)
+    seen = []
+
+    def observer(event):
+        if event.get("log_namespace") == "metacenter.cluster.discovery" and event["log_level"] == LogLevel.warn:
+            seen.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        response, _ = yield api.call("POST", "/log/level", {"LevelParam": "ERROR"})
+        assert response.code == 200
+        discovery.startService()  # the name does not exist: every lookup fails
+        yield discovery.lookup_now()
+        assert seen == []
+        response, _ = yield api.call("POST", "/log/level", {"LevelParam": "INFO"})
+        assert response.code == 200
+        discovery._clock.advance(INTERVAL)
+        yield discovery.lookup_now()
+        assert len(seen) == 1 and "Peer lookup of peers.metacenter.test failed: NXDOMAIN" in seen[0]
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        discovery.stopService()
+        logs.set_level("INFO")

@@ -8,6 +8,7 @@ from metacenter.core.cache import CacheIndex
 from metacenter.runtime.metrics import Metrics
 from metacenter.core.load import LoadState
 from metacenter.runtime.sweeper import Sweeper
+from metacenter.runtime.turns import chunk_per_turn
 
 
 def pump(clock, d, turns=10000):
@@ -33,7 +34,7 @@ def test_sweep_runs_in_chunks_over_reactor_turns():
         state.add("m", f"r{i}", f"10.0.0.{i % 5}", 10)
     cache.save("m", "10.0.0.1", [1, 2, 3])
     clock.advance(61)
-    sweeper = Sweeper(state, metrics, clock, chunk=100, cache=cache)
+    sweeper = Sweeper(state, metrics, chunk_per_turn(clock).cooperate, chunk=100, cache=cache)
     d = sweeper.sweep()
     assert state.request_count == 2500  # nothing happens before the reactor turns
     assert sweeper.sweep() is d  # a sweep in progress is not started twice
@@ -51,7 +52,7 @@ def test_a_failing_sweep_is_logged_and_the_next_one_runs():
     clock = Clock()
     state = LoadState(clock, request_expire=60)
     metrics = Metrics(state)
-    sweeper = Sweeper(state, metrics, clock)
+    sweeper = Sweeper(state, metrics, chunk_per_turn(clock).cooperate)
     broken = {"on": True}
     real_expire = state.expire
 
@@ -80,7 +81,7 @@ def test_an_error_inside_a_step_is_logged_and_clears_the_sweep():
     clock = Clock()
     state = LoadState(clock, request_expire=60)
     metrics = Metrics(state)
-    sweeper = Sweeper(state, metrics, clock)
+    sweeper = Sweeper(state, metrics, chunk_per_turn(clock).cooperate)
 
     def steps(chunk):
         yield 1
