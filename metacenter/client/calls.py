@@ -166,9 +166,10 @@ class Methods:
         path = "/v1/load/stats?cluster=" + quote(cluster if isinstance(cluster, str) else str(cluster), safe="")
         return self._run(Call("GET", path, key=cluster, result=_list))
 
-    def overview(self):
-        """GET /v1/load/overview: ``{"time": ns, "clusters": [{"cluster", "engines": [row, ...]}]}``."""
-        return self._run(Call("GET", "/v1/load/overview"))
+    def overview(self, node=None):
+        """GET /v1/load/overview: ``{"time": ns, "clusters": [{"cluster", "engines": [row, ...]}]}``:
+        every cluster as one node sees it (``node`` as for ``status``)."""
+        return self._run(Call("GET", "/v1/load/overview", node=node))
 
     # -- KV cache and scoring -----------------------------------------------
 
@@ -184,9 +185,10 @@ class Methods:
         body = {"cluster": cluster, "prompt_hash": list(prompt_hash), "topk": topk}
         return self._run(Call("POST", "/v1/cache/query", body, key=cluster, result=_locations))
 
-    def cache_stats(self):
-        """GET /v1/cache/stats: ``{"blocks", "engines", "bytes_estimate", "clusters": [...]}``."""
-        return self._run(Call("GET", "/v1/cache/stats"))
+    def cache_stats(self, node=None):
+        """GET /v1/cache/stats: ``{"blocks", "engines", "bytes_estimate", "clusters": [{"cluster",
+        "blocks", "engines"}]}`` of one node's KV-cache index (``node`` as for ``status``)."""
+        return self._run(Call("GET", "/v1/cache/stats", node=node))
 
     def route_score(self, cluster, prompt_hash=(), ips=None):
         """POST /v1/route/score: the gateway's score of each engine (of
@@ -248,7 +250,8 @@ class Methods:
 
     # -- one node -------------------------------------------------------------
     # ``node``: a node as in the node list ("http://10.0.0.5:8080"); asked
-    # directly, without failover or breaker. None: any node, like other calls.
+    # directly, without failover or breaker. None: the node calls without a
+    # cluster go to (ring key ""), with failover.
 
     def status(self, node=None):
         """GET /v1/node/status: ``{"version", "node", "ready", "requests",
