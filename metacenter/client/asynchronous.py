@@ -3,6 +3,8 @@
 import treq
 from treq.client import HTTPClient
 from twisted.internet import defer, threads
+from twisted.internet.error import ConnectingCancelledError
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from metacenter.client import calls
@@ -90,6 +92,9 @@ class AsyncClient(ClientBase):
                 continue
             try:
                 status, body, trace_id = await self._send(node, call)
+            except defer.CancelledError:  # the caller cancelled the call: stop, blaming no node
+                self._abandoned(node, ticket, explicit)
+                raise
             except Exception as e:
                 self._record(node, ticket, False, explicit)
                 attempts.append((node.url, _describe(e)))
@@ -118,9 +123,34 @@ class AsyncClient(ClientBase):
                 lambda body: (response.code, body, trace[0].decode("ascii", "replace") if trace else None))
 
         d.addCallback(read)
-        # One deadline for the whole exchange: cancelling it cancels whichever
-        # step (connect, answer, body) is pending.
-        return d.addTimeout(self.timeout, self._reactor)
+        # One deadline for the whole exchange: cancelling cancels whichever
+        # step (connect, answer, body) is pending. The Agent reports a
+        # cancellation in its own wrappers; ``settle`` says which it was.
+        expired = []
+
+        def expire():
+            expired.append(True)
+            d.cancel()
+
+        timer = self._reactor.callLater(self.timeout, expire)
+
+        def settle(result):
+            if timer.active():
+                timer.cancel()
+            if isinstance(result, Failure) and _cancelled(result):
+                if expired:
+                    return Failure(defer.TimeoutError(f"no answer within {self.timeout} s"))
+                return Failure(defer.CancelledError())
+            return result
+
+        return d.addBoth(settle)
+
+
+def _cancelled(failure):
+    if failure.check(defer.CancelledError, ConnectingCancelledError):
+        return True
+    reasons = getattr(failure.value, "reasons", None)
+    return bool(reasons) and all(_cancelled(reason) for reason in reasons)
 
 
 def _describe(error):

@@ -85,6 +85,10 @@ class ClientBase(calls.Methods):
         elif state == CLOSED:
             log.info("metacenter node %s: circuit breaker closed, the node answers again", node.url)
 
+    def _abandoned(self, node, ticket, explicit):
+        if not explicit:
+            self._router.release(node, ticket)
+
     def _answered(self, call, node):
         if call.place is not None:
             request_id, cluster = call.place
@@ -99,7 +103,11 @@ class ClientBase(calls.Methods):
         if not attempts and self._router.nodes:
             return NodeUnavailable("no metacenter node available: every node's circuit breaker is open",
                                    [(node.url, "circuit breaker open") for node in self._router.nodes])
-        return calls.exhausted(attempts, last_error)
+        # Nodes left out for an open breaker belong in the story too.
+        tried = {url for url, _ in attempts}
+        skipped = [(node.url, "circuit breaker open") for node in self._router.nodes
+                   if node.url not in tried and not self._router.breaker(node).available()]
+        return calls.exhausted(attempts + skipped if attempts else attempts, last_error)
 
     def _looked_up(self, result):
         """Apply a DNS lookup's result: a list of nodes, or the LookupError."""

@@ -103,6 +103,10 @@ class Client(ClientBase):
                     self._record(node, ticket, False, explicit)
                 attempts.append((node.url, _describe(e)))
                 continue
+            except BaseException:  # KeyboardInterrupt and the like: not the node's doing
+                with self._lock:
+                    self._abandoned(node, ticket, explicit)
+                raise
             try:
                 outcome = calls.decode(call, node, status, body, trace_id)
             except Exception:

@@ -146,6 +146,15 @@ class Breaker:
             return self._enter(OPEN)
         return None
 
+    def release(self, ticket):
+        """The request of ``ticket`` was abandoned without an answer (the
+        caller cancelled it): an abandoned trial gives the next request the
+        chance, so a half-open breaker is never stuck waiting."""
+        if ticket == self.generation and self.state == HALF_OPEN:
+            opened_at = self.opened_at
+            self._enter(OPEN)
+            self.opened_at = opened_at
+
     def _enter(self, state):
         self.state = state
         self.generation += 1
@@ -223,6 +232,11 @@ class Router:
         """Returns the breaker's new state when this answer changed it."""
         breaker = self._breakers.get(node.key)
         return breaker.record(ticket, ok) if breaker is not None else None
+
+    def release(self, node, ticket):
+        breaker = self._breakers.get(node.key)
+        if breaker is not None:
+            breaker.release(ticket)
 
     def placed(self, request_id, node, cluster):
         """``node`` took the add of ``request_id``."""

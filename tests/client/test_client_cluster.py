@@ -7,7 +7,7 @@ import time
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, threads
+from twisted.internet import defer, reactor, threads
 from twisted.internet.task import Clock
 
 from conftest import TIMEOUT
@@ -243,3 +243,66 @@ async def test_an_async_refusal_carries_the_envelope(healthy):
         assert "cluster" in caught.value.reason
     finally:
         await client.close()
+
+
+@pytest.fixture
+def black_hole():
+    """A node address that accepts connections and never answers."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+
+
+def clusters_owned_by(client, url, count=1):
+    names = (f"owned-{i}" for i in range(10_000))
+    return [name for name in names if client.node_for(name) == url][:count]
+
+
+def test_a_node_that_never_answers_times_out_and_the_call_fails_over(healthy, black_hole):
+    with Client([black_hole, healthy.urls[0]], timeout=0.3) as client:
+        [cluster] = clusters_owned_by(client, black_hole)
+        client.add_request(cluster, "timeout-r1", "10.10.0.1", prompt_length=9)
+        assert client.placement("timeout-r1") == healthy.urls[0]
+    with Client([black_hole], timeout=0.3) as client:
+        with pytest.raises(NodeUnavailable) as caught:
+            client.load("x")
+        assert caught.value.attempts == [(black_hole, "timeout")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_async_timeout_fails_over_and_a_cancelled_call_blames_no_node(healthy, black_hole):
+    client = AsyncClient([black_hole, healthy.urls[0]], reactor, timeout=0.3, failure_threshold=1)
+    try:
+        [cluster] = clusters_owned_by(client, black_hole)
+        await client.add_request(cluster, "async-timeout-r1", "10.10.0.2")
+        assert client.placement("async-timeout-r1") == healthy.urls[0]
+        assert client.breakers()[black_hole] == "open"  # threshold 1: the timeout opened it
+    finally:
+        await client.close()
+    client = AsyncClient([black_hole], reactor, timeout=0.3)
+    try:
+        with pytest.raises(NodeUnavailable) as caught:
+            await client.load("x")
+        assert caught.value.attempts == [(black_hole, "timeout")]
+    finally:
+        await client.close()
+    client = AsyncClient([black_hole], reactor, timeout=30, failure_threshold=1)
+    try:
+        call = client.load("x")
+        await task_later(0.2)
+        call.cancel()
+        with pytest.raises(defer.CancelledError):
+            await call
+        assert client.breakers() == {black_hole: "closed"}
+    finally:
+        await client.close()
+
+
+def task_later(seconds):
+    from twisted.internet import task
+
+    return task.deferLater(reactor, seconds, lambda: None)

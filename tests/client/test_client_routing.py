@@ -189,3 +189,18 @@ def test_the_client_package_imports_nothing_of_the_node():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": REPO}).stdout
     assert out.strip() == "[]"
+
+
+def test_an_abandoned_trial_lets_the_next_request_try():
+    clock = Clock()
+    breaker = Breaker(clock, threshold=1, cooldown=10)
+    breaker.record(breaker.acquire(), False)
+    clock.advance(10)
+    trial = breaker.acquire()
+    breaker.release(trial)  # cancelled by the caller, no answer
+    assert breaker.state == OPEN and breaker.available()
+    breaker.record(trial, True)  # a late answer to the abandoned trial counts for nothing
+    assert breaker.state == OPEN
+    assert breaker.record(breaker.acquire(), True) == CLOSED
+    breaker.release(breaker.acquire())  # closed: nothing to give back
+    assert breaker.state == CLOSED
