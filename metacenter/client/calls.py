@@ -162,8 +162,12 @@ class Methods:
                               key=cluster or "", follow=request_id, forget=request_id))
 
     def load(self, cluster):
-        """GET /v1/load/stats: the engine rows of ``cluster`` (``[]`` when unknown)."""
-        path = "/v1/load/stats?cluster=" + quote(cluster if isinstance(cluster, str) else str(cluster), safe="")
+        """GET /v1/load/stats: the engine rows of ``cluster`` (``[]`` when
+        unknown). A ``cluster`` that is not a str is a TypeError."""
+        if not isinstance(cluster, str):
+            # In a query string anything would read as a name: refuse here what a JSON body would.
+            raise TypeError(f"cluster must be a str, got {type(cluster).__name__}")
+        path = "/v1/load/stats?cluster=" + quote(cluster, safe="")
         return self._run(Call("GET", path, key=cluster, result=_list))
 
     def overview(self, node=None):

@@ -306,3 +306,63 @@ def task_later(seconds):
     from twisted.internet import task
 
     return task.deferLater(reactor, seconds, lambda: None)
+
+
+@pytest.fixture
+def bare_http():
+    """Real HTTP servers that are not metacenter nodes (a proxy in front of a
+    dead node, a reference node's bare 404): ``bare_http(status)`` -> URL of
+    a server answering every request with ``status`` and an HTML body."""
+    from twisted.web import resource, server
+
+    class Bare(resource.Resource):
+        isLeaf = True
+
+        def __init__(self, status):
+            super().__init__()
+            self.status = status
+
+        def render(self, request):
+            request.setResponseCode(self.status)
+            return b"<html>not a metacenter node</html>"
+
+    ports = []
+
+    def start(status):
+        ports.append(reactor.listenTCP(0, server.Site(Bare(status)), interface="127.0.0.1"))
+        return f"http://127.0.0.1:{ports[-1].getHost().port}"
+
+    yield start
+    for port in ports:
+        port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_answers_without_an_envelope(healthy, bare_http):
+    proxy, bare_404 = bare_http(502), bare_http(404)
+    client = AsyncClient([proxy, healthy.urls[0]], reactor, timeout=TIMEOUT, failure_threshold=1)
+    try:
+        # A bare 5xx is a node failure: the call goes on to the next node, the breaker counts it.
+        [cluster] = clusters_owned_by(client, proxy)
+        await client.add_request(cluster, "bare-r1", "10.11.0.1")
+        assert client.placement("bare-r1") == healthy.urls[0]
+        assert client.breakers()[proxy] == "open"
+    finally:
+        await client.close()
+    client = AsyncClient([bare_404, healthy.urls[0]], reactor, timeout=TIMEOUT)
+    try:
+        # A bare 404 (how a reference node answers an unknown route) is a refusal: raised, no failover.
+        [cluster] = clusters_owned_by(client, bare_404)
+        with pytest.raises(MetacenterError) as caught:
+            await client.load(cluster)
+        assert (caught.value.status, caught.value.code, caught.value.node) == (404, None, bare_404)
+        assert "without a metacenter envelope" in caught.value.reason
+    finally:
+        await client.close()
+    client = Client([proxy], timeout=TIMEOUT)
+    try:
+        with pytest.raises(NodeUnavailable) as caught:
+            await threads.deferToThread(client.load, "x")
+        assert caught.value.attempts == [(proxy, "HTTP 502")] and caught.value.status == 502
+    finally:
+        client.close()
