@@ -107,7 +107,7 @@ class ClientBase(calls.Methods):
         tried = {url for url, _ in attempts}
         skipped = [(node.url, "circuit breaker open") for node in self._router.nodes
                    if node.url not in tried and not self._router.breaker(node).available()]
-        return calls.exhausted(attempts + skipped if attempts else attempts, last_error)
+        return calls.exhausted(attempts + skipped, last_error)
 
     def _looked_up(self, result):
         """Apply a DNS lookup's result: a list of nodes, or the LookupError."""
