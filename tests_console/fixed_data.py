@@ -3,6 +3,7 @@ screenshots: three nodes (one down), four clusters, five minutes of history.
 Nothing here depends on the wall clock."""
 
 from console.app import ConsoleApp
+from console.format import plural
 from console.model import (
     CacheFigures,
     Cluster,
@@ -98,7 +99,7 @@ class FixedSource:
         self.snapshots = {s.target: s for s in snapshots}
 
     def describe(self):
-        return f"{len(self.snapshots)} nodes"  # what FixedTargets says for as many URLs
+        return plural(len(self.snapshots), "node")  # what FixedTargets says for as many URLs
 
     def discover(self):
         return list(self.snapshots)
