@@ -62,12 +62,14 @@ class HelpScreen(ModalScreen):
     def on_resize(self, event):
         # Content height, but never taller than the terminal: then it scrolls.
         self.query_one("#help-keys", VerticalScroll).styles.max_height = max(3, event.size.height - self.CHROME_LINES)
+        self.call_after_refresh(self._show_where_more_is)
 
     def on_mount(self):
         keys = self.query_one("#help-keys", VerticalScroll)
         keys.focus()
+        # Again whenever it scrolls or its content or its size is laid out anew.
         self.watch(keys, "scroll_y", self._show_where_more_is, init=False)
-        self.watch(keys, "max_scroll_y", self._show_where_more_is, init=False)
+        self.watch(keys, "virtual_size", self._show_where_more_is, init=False)
         self.call_after_refresh(self._show_where_more_is)
 
     def _show_where_more_is(self, _=None):
