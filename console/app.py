@@ -69,11 +69,21 @@ HelpScreen, LogLevelDialog {
 
 #help-box {
     width: 80;
-    max-height: 90%;
+    max-width: 100%;
     height: auto;
+    max-height: 100%;
     border: thick $accent;
     background: $surface;
-    padding: 1 2;
+    padding: 0 1;
+}
+
+#help-keys {
+    height: auto;
+}
+
+#help-more {
+    dock: bottom;
+    height: 1;
 }
 
 #log-level-box {
@@ -100,13 +110,13 @@ class ConsoleApp(App):
     TITLE = "metacenter console"
     MODES = {"overview": OverviewScreen, "nodes": NodesScreen}
     DEFAULT_MODE = "overview"
+    # ? and q are on every data screen (DataScreen.GLOBAL_BINDINGS), first in
+    # the footer, so a narrow terminal cuts these rather than them.
     BINDINGS = [
         Binding("o", "show_overview", "Overview"),
         Binding("n", "show_nodes", "Nodes"),
         Binding("l", "log_level", "Log level"),
         Binding("R", "poll_now", "Poll now", key_display="R"),
-        Binding("question_mark", "help", "Help", key_display="?"),
-        Binding("q", "quit", "Quit"),
     ]
     ENABLE_COMMAND_PALETTE = False
 
@@ -203,15 +213,15 @@ class ConsoleApp(App):
         """Every key, read from the bindings themselves so the help (and the
         docs test that checks it) cannot drift from what the keys do."""
         sections = [
-            ("Everywhere", cls.BINDINGS, ()),
-            ("Every table screen", DataScreen.BINDINGS, DataScreen.TABLE_KEYS),
+            ("Everywhere", [*DataScreen.GLOBAL_BINDINGS, *cls.BINDINGS], ()),
+            ("Every table screen", DataScreen.TABLE_BINDINGS, DataScreen.TABLE_KEYS),
         ]
         for title, screen_class in (("Clusters overview", OverviewScreen), ("Cluster", ClusterScreen),
                                     ("Nodes", NodesScreen)):
             own = screen_class.__dict__.get("BINDINGS", [])
             sections.append((title, own, screen_class.EXTRA_KEYS))
         sections.append(("Log level dialog", LogLevelDialog.BINDINGS, LogLevelDialog.EXTRA_KEYS))
-        sections.append(("This help", HelpScreen.BINDINGS, ()))
+        sections.append(("This help", HelpScreen.BINDINGS, HelpScreen.SCROLL_KEYS))
         return sections
 
     def action_help(self):
@@ -225,7 +235,8 @@ class ConsoleApp(App):
         if target is None:
             self.notify("No node answers: there is no node to set the log level of", severity="error")
             return
-        self.push_screen(LogLevelDialog(target), callback=partial(self._set_log_level, target))
+        self.push_screen(LogLevelDialog(target, self.state.log_level(target)),
+                         callback=partial(self._set_log_level, target))
 
     def _set_log_level(self, target, level):
         if level is None:
@@ -241,5 +252,6 @@ class ConsoleApp(App):
             self.notify(text, severity="error")
         else:
             text = f"log level {level} on {target_label(target)}: {worker.result}"
+            self.state.record_level_set(target, level, self.clock())
             self.notify(text)
         self.state.record_action(self.clock(), text)

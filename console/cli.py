@@ -5,6 +5,7 @@ import sys
 
 from console.discovery import DnsTargets, FixedTargets, parse_server
 from console.nodeclient import normalize_target
+from console.once import OUTPUTS, TABLE
 from console.source import HttpSource
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -64,7 +65,10 @@ def build_parser():
     parser.add_argument("--history", type=positive_seconds, default=300.0, metavar="SECONDS",
                         help="time span of the sparklines (default 300)")
     parser.add_argument("--once", action="store_true",
-                        help="print the overview as tables and exit: 0 if every node answered, 1 otherwise")
+                        help="print the overview and exit: 0 if every node answered, 1 otherwise")
+    parser.add_argument("--output", "-o", choices=OUTPUTS, default=None,
+                        help="with --once: table (default; cut to fit only in a terminal), wide (more columns, "
+                             "never cut) or json (the schema is in docs/console.md)")
     parser.add_argument("--cluster", metavar="NAME",
                         help="with --once: print this cluster's engines; interactive: open on this cluster")
     return parser
@@ -77,6 +81,8 @@ def parse_args(argv):
         parser.error("give node URLs or --dns NAME, not both")
     if args.dns_server and not args.dns:
         parser.error("--dns-server needs --dns NAME")
+    if args.output is not None and not args.once:
+        parser.error(f"--output {args.output} needs --once (the interactive console has one look)")
     return args
 
 
@@ -94,7 +100,7 @@ def main(argv=None):
     if args.once:
         from console.once import run_once
 
-        return run_once(source, args.cluster)
+        return run_once(source, args.cluster, output=args.output or TABLE)
     from console.app import ConsoleApp
 
     app = ConsoleApp(source, interval=args.interval, history_seconds=args.history, open_cluster=args.cluster)

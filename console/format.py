@@ -5,6 +5,12 @@ BAR_EIGHTHS = " ▏▎▍▌▋▊▉"
 NO_VALUE = "—"
 
 
+def plural(count, singular, plural_form=None):
+    """``1 node``, ``0 nodes``, ``2 nodes``; ``plural_form`` for irregular words."""
+    word = singular if count == 1 else (plural_form or singular + "s")
+    return f"{count} {word}"
+
+
 def human_bytes(n):
     """Prompt sizes: exact below 1 KiB, then one decimal in binary units."""
     if n is None:

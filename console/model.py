@@ -7,6 +7,9 @@ console keeps working against nodes of other versions.
 
 from dataclasses import dataclass, field
 
+# The wire's level names, lowest first (POST /log/level).
+LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARN", "ERROR", "FATAL")
+
 
 class BadResponse(ValueError):
     """A node answered, but not with what the API promises."""
@@ -163,6 +166,9 @@ class NodeStatus:
     peers: tuple
     # cluster -> (live requests, digest); None when the node does not offer digests
     digest: dict | None
+    # The node's live log level (normally one of LOG_LEVELS); None when the
+    # node does not report it (nodes before ``log_level`` in /v1/node/status).
+    log_level: str | None = None
 
     @classmethod
     def parse(cls, raw):
@@ -174,6 +180,10 @@ class NodeStatus:
                 item = _dict(item, f"digest[{name}]")
                 digest[name] = (_int(item.get("live"), "live", 0), str(item.get("digest") or ""))
         ready = raw.get("ready")
+        log_level = raw.get("log_level")
+        if log_level is not None:
+            # a level name this console does not know is shown as given
+            log_level = _str(log_level, "log_level")
         return cls(
             version=str(raw.get("version") or "?"),
             node=str(raw.get("node") or ""),
@@ -185,6 +195,7 @@ class NodeStatus:
             clusters=_int(raw.get("clusters"), "clusters", 0),
             peers=tuple(Peer.parse(p) for p in _list(raw.get("peers"), "peers")),
             digest=digest,
+            log_level=log_level,
         )
 
     @property

@@ -12,7 +12,7 @@ from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Static
 
-from console.format import human_age, human_bytes
+from console.format import human_age, human_bytes, plural
 from console.nodeclient import target_label
 from console.state import UP
 from console.tables import fill_table, highlighted_key
@@ -21,6 +21,7 @@ from console.views import (
     agreement_text,
     cluster_tie_break,
     data_line,
+    empty_overview_text,
     engine_columns,
     engine_rows,
     engine_tie_break,
@@ -36,14 +37,22 @@ from console.views import (
 class DataScreen(Screen):
     """A status line, a summary, a filter box and one sortable table."""
 
-    BINDINGS = [
+    # The app's own keys, but bound here so the footer lists them first.
+    GLOBAL_BINDINGS = [
+        Binding("question_mark", "app.help", "Help", key_display="?"),
+        Binding("q", "app.quit", "Quit"),
+    ]
+    TABLE_BINDINGS = [
         Binding("slash", "filter", "Filter"),
         Binding("s", "sort_next", "Sort"),
         Binding("r", "sort_reverse", "Reverse"),
         Binding("escape", "escape", "Leave the filter box, then clear the filter, then go back", show=False),
     ]
+    BINDINGS = GLOBAL_BINDINGS + TABLE_BINDINGS
     # Keys the table widget handles itself, listed on the help screen.
-    TABLE_KEYS = (("↑ ↓ PgUp PgDn Home End", "move the highlight"), ("click a header", "sort by that column"))
+    TABLE_KEYS = (("↑ ↓ PgUp PgDn Home End", "move the highlight"),
+                  ("← →", "scroll sideways when the table is wider than the screen; the first column stays"),
+                  ("click a header", "sort by that column"))
     # Keys only this screen has that are not bindings (help screen).
     EXTRA_KEYS = ()
     HEADING = ""
@@ -61,7 +70,8 @@ class DataScreen(Screen):
         yield Static(id="status")
         yield Static(id="summary")
         yield Input(placeholder=f"/ {self.FILTER_HINT}", id="filter", compact=True)
-        yield DataTable(id="table", cursor_type="row", zebra_stripes=True)
+        # fixed_columns: the name column stays in view while ← → scroll sideways
+        yield DataTable(id="table", cursor_type="row", zebra_stripes=True, fixed_columns=1)
         yield from self.compose_extra()
         yield Footer()
 
@@ -216,9 +226,13 @@ class OverviewScreen(DataScreen):
         engines = sum(len(c.engines) for c in clusters)
         in_flight = sum(c.in_flight for c in clusters)
         prompt = sum(c.prompt_bytes for c in clusters)
-        text = Text(f"{len(clusters)} clusters · {engines} engines · {in_flight} requests in flight · "
-                    f"{human_bytes(prompt)} in prefill")
+        text = Text(f"{plural(len(clusters), 'cluster')} · {plural(engines, 'engine')} · "
+                    f"{plural(in_flight, 'request')} in flight · {human_bytes(prompt)} in prefill")
         text.append(self.filter_note(shown, len(clusters)))
+        empty = empty_overview_text(self.app.state)
+        if empty is not None:
+            text.append("\n")
+            text.append(empty)
         return text
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected):
@@ -263,7 +277,7 @@ class ClusterScreen(DataScreen):
             where = "" if snapshot is None else f" on {target_label(snapshot.target)}"
             return Text(f"Cluster {self.cluster_name} has no engines{where} (idle clusters are collected)",
                         style="bold yellow")
-        text = Text(f"{len(cluster.engines)} engines · {cluster.in_flight} requests in flight · "
+        text = Text(f"{plural(len(cluster.engines), 'engine')} · {plural(cluster.in_flight, 'request')} in flight · "
                     f"{human_bytes(cluster.prompt_bytes)} in prefill · spread {cluster.spread}")
         if cluster.mean_queued:
             ratio = cluster.busiest.queued / cluster.mean_queued
@@ -276,7 +290,8 @@ class ClusterScreen(DataScreen):
             if figures is None:
                 text.append("no blocks recorded", style="dim")
             else:
-                text.append(f"{figures.blocks} blocks held by {figures.engines} engines", style="bold cyan")
+                text.append(f"{plural(figures.blocks, 'block')} held by {plural(figures.engines, 'engine')}",
+                            style="bold cyan")
         text.append(self.filter_note(shown, len(cluster.engines)))
         return text
 
@@ -317,7 +332,7 @@ class NodesScreen(DataScreen):
 
     def summary(self, now, shown):
         state = self.app.state
-        text = Text(f"{len(state.targets)} nodes · {state.reachable_count()} answering")
+        text = Text(f"{plural(len(state.targets), 'node')} · {state.reachable_count()} answering")
         if state.pinned:
             text.append(f" · overview pinned to {target_label(state.pinned)}", style="magenta")
         text.append(self.filter_note(shown, len(state.targets)))

@@ -4,10 +4,10 @@ methods, which is how tests feed it fixed data."""
 
 import time
 
-from console.model import BadResponse, NodeSnapshot, NodeStatus, Overview, parse_cache_stats
+from console.model import LOG_LEVELS, BadResponse, NodeSnapshot, NodeStatus, Overview, parse_cache_stats
 from console.nodeclient import NodeApiError, NodeClient, NodeUnreachable
 
-LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARN", "ERROR", "FATAL")
+__all__ = ["LOG_LEVELS", "HttpSource"]
 
 
 class HttpSource:

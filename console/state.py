@@ -9,6 +9,7 @@ import hashlib
 from collections import deque
 from dataclasses import dataclass
 
+from console.format import plural
 from console.history import History
 from console.nodeclient import target_label
 
@@ -25,6 +26,14 @@ class NodeHealth:
     state: str
     detail: str
     data_age: float | None  # seconds since the last successful poll
+
+
+@dataclass(frozen=True)
+class KnownLevel:
+    """A node's log level as far as the console knows it."""
+
+    level: str | None  # None: unknown
+    origin: str  # "node" (its /v1/node/status), "console" (set from here), "" when unknown
 
 
 @dataclass(frozen=True)
@@ -67,7 +76,7 @@ def _compare(statuses):
     totals = {t: (s.requests, s.engines) for t, s in statuses.items()}
     if len(set(totals.values())) == 1:
         return Agreement(targets, "totals", True, ())
-    parts = ", ".join(f"{target_label(t)} {r} requests/{e} engines" for t, (r, e) in totals.items())
+    parts = ", ".join(f"{target_label(t)} {plural(r, 'request')}/{plural(e, 'engine')}" for t, (r, e) in totals.items())
     return Agreement(targets, "totals", False, (f"totals differ: {parts}",))
 
 
@@ -84,12 +93,13 @@ class ConsoleState:
         self.history = History(history_seconds)
         self.disagree_since = None
         self.actions = deque(maxlen=5)  # (time, text) of operator actions
+        self.levels_set = {}  # target -> (time, level) this console set successfully
 
     # -- input -------------------------------------------------------------
 
     def set_targets(self, targets):
         self.targets = list(targets)
-        for table in (self.latest, self.last_good, self.failing_since, self.polling_since):
+        for table in (self.latest, self.last_good, self.failing_since, self.polling_since, self.levels_set):
             for gone in set(table) - set(self.targets):
                 del table[gone]
         if self.pinned not in self.targets:
@@ -133,6 +143,9 @@ class ConsoleState:
 
     def record_action(self, when, text):
         self.actions.append((when, text))
+
+    def record_level_set(self, target, level, when):
+        self.levels_set[target] = (when, level)
 
     # -- derived views -----------------------------------------------------
 
@@ -182,6 +195,19 @@ class ConsoleState:
         if latest.ready is False:
             return NodeHealth(target, NOT_READY, "/readyz answers 503", data_age)
         return NodeHealth(target, UP, f"answered in {latest.latency * 1000:.0f}ms", data_age)
+
+    def log_level(self, target):
+        """The level the node reports in its last status, unless this console
+        set one since (the node only reports it at the next poll); with a node
+        that does not report its level, the one set from here, if any."""
+        good = self.last_good.get(target)
+        reported = None if good is None or good.status is None else good.status.log_level
+        set_here = self.levels_set.get(target)
+        if set_here is not None and (reported is None or set_here[0] >= good.fetched_at):
+            return KnownLevel(set_here[1], "console")
+        if reported is not None:
+            return KnownLevel(reported, "node")
+        return KnownLevel(None, "")
 
     def agreement(self):
         statuses = {

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from rich.text import Text
 
-from console.format import NO_VALUE, bar, human_age, human_bytes, human_lag, sparkline
+from console.format import NO_VALUE, bar, human_age, human_bytes, human_lag, plural, sparkline
 from console.nodeclient import target_label
 from console.state import DOWN, NOT_READY, SLOW, UP, WAITING, state_fingerprint
 
@@ -62,6 +62,7 @@ class ClusterRow:
     cluster: Any  # model.Cluster
     cache: Any  # model.CacheFigures or None
     trend: list  # sparkline slices
+    age: float | None = None  # seconds since any engine of the cluster last changed
 
 
 def _engine_with_load(engine):
@@ -110,12 +111,60 @@ def overview_rows(snapshot, history, now, trend_cells=TREND_CELLS, needle=""):
             continue
         cache = (snapshot.cache or {}).get(cluster.name)
         trend = history.slices(("cluster", cluster.name), now, trend_cells) if history else []
-        rows.append(ClusterRow(cluster, cache, trend))
+        newest = max(cluster.engines, key=lambda e: e.updated_ns, default=None)
+        age = None if newest is None else snapshot.engine_age(newest, now)
+        rows.append(ClusterRow(cluster, cache, trend, age))
     return rows
+
+
+def wide_overview_columns(with_cache):
+    """``--once --output wide``: the overview's columns and what only fits a wide page."""
+    columns = overview_columns(with_cache=with_cache, with_trend=False)
+    columns.insert(3, Column("mean", "Mean/engine", lambda r: f"{r.cluster.mean_queued:.1f}",
+                             lambda r: r.cluster.mean_queued, True))
+    if with_cache:
+        columns.append(Column("kv_engines", "KV engines",
+                              lambda r: NO_VALUE if r.cache is None else r.cache.engines,
+                              lambda r: None if r.cache is None else r.cache.engines, True))
+    columns.append(Column("updated", "Updated", lambda r: human_age(r.age), lambda r: r.age, True))
+    return columns
 
 
 def cluster_tie_break(row):
     return row.cluster.name
+
+
+# Why the clusters table is empty (also the JSON output's ``clusters_empty_reason``).
+NO_NODE_ANSWERED, NO_CLUSTERS_YET = "no_node_answered", "no_clusters_yet"
+
+
+def empty_reason(state):
+    """None when there are clusters to show, else NO_NODE_ANSWERED (no data
+    from any node) or NO_CLUSTERS_YET (a node answered and holds none)."""
+    snapshot, _ = state.view_snapshot()
+    if snapshot is None or snapshot.overview is None:
+        return NO_NODE_ANSWERED
+    if not snapshot.overview.clusters:
+        return NO_CLUSTERS_YET
+    return None
+
+
+def empty_overview_text(state):
+    """The sentence that replaces an empty clusters table; None when not empty."""
+    reason = empty_reason(state)
+    if reason is None:
+        return None
+    if reason == NO_NODE_ANSWERED:
+        if not state.targets:
+            return Text("No clusters to show: there is no node to ask.", style="bold red")
+        if not any(t in state.latest for t in state.targets):
+            return Text("No clusters to show yet: waiting for the first answer of a node.", style="bold yellow")
+        total = len(state.targets)
+        who = "the node has not" if total == 1 else f"none of the {total} nodes has"
+        return Text(f"No clusters to show: {who} answered (the nodes screen, n, says why).", style="bold red")
+    snapshot, _ = state.view_snapshot()
+    return Text(f"No clusters yet: {target_label(snapshot.target)} answers but holds no load; no gateway has "
+                "reported any (POST /v1/load/stats).", style="bold yellow")
 
 
 # -- cluster screen: one row per engine --------------------------------------
@@ -268,6 +317,27 @@ def node_columns():
     ]
 
 
+def _ready_cell(row):
+    ready = None if row.snapshot is None else row.snapshot.ready
+    return NO_VALUE if ready is None else ("yes" if ready else "no")
+
+
+def wide_node_columns():
+    """``--once --output wide``: every column of the nodes screen and more."""
+    clusters = _status_number("clusters")
+    tombstones = _status_number("tombstones")
+    return [
+        *node_columns(),
+        Column("ready", "Ready", _ready_cell),
+        Column("clusters", "Clusters", clusters[0], clusters[1], True),
+        Column("tombstones", "Tombstones", tombstones[0], tombstones[1], True),
+        Column("log_level", "Log level", lambda r: NO_VALUE if r.status is None or r.status.log_level is None
+               else r.status.log_level),
+        Column("latency", "Poll", lambda r: NO_VALUE if r.snapshot is None else f"{r.snapshot.latency * 1000:.0f}ms",
+               lambda r: None if r.snapshot is None else r.snapshot.latency, True),
+    ]
+
+
 def node_rows(state, now):
     view = state.view_target()
     return [
@@ -295,8 +365,7 @@ def peer_columns():
 def agreement_text(agreement, disagree_since, now):
     """One line (plus details) on whether the nodes hold the same state."""
     if agreement.agree is None:
-        count = len(agreement.nodes)
-        return Text(f"Agreement: nothing to compare ({count} node{'s' if count != 1 else ''} with status)", style="dim")
+        return Text(f"Agreement: nothing to compare ({plural(len(agreement.nodes), 'node')} with status)", style="dim")
     basis = "state digests" if agreement.basis == "digest" else "request and engine totals"
     if agreement.agree:
         return Text(f"✔ All {len(agreement.nodes)} nodes agree ({basis})", style="bold green")
@@ -334,7 +403,7 @@ def data_line(state, now, source_description=""):
             text.append(f"Data from {label}, {human_age(age)} old")
     style = "green" if total and reachable == total else "bold red"
     text.append(" · ")
-    text.append(f"{reachable}/{total} nodes answering", style=style)
+    text.append(f"{reachable}/{plural(total, 'node')} answering", style=style)
     if source_description:
         text.append(f" · {source_description}", style="dim")
     if state.discovery_error:

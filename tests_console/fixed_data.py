@@ -3,6 +3,7 @@ screenshots: three nodes (one down), four clusters, five minutes of history.
 Nothing here depends on the wall clock."""
 
 from console.app import ConsoleApp
+from console.format import plural
 from console.model import (
     CacheFigures,
     Cluster,
@@ -47,7 +48,7 @@ def overview(load, time_ns=NOW_NS):
     return Overview(time_ns, clusters)
 
 
-def status(node, peers, load, started_ago=86_400 * 3 + 3_600 * 5):
+def status(node, peers, load, started_ago=86_400 * 3 + 3_600 * 5, log_level=None):
     requests = sum(q for engines in load.values() for _, q, _, _ in engines)
     # a stand-in for the node's digest: equal exactly when the live counts are
     live = {name: sum(q for _, q, _, _ in engines) for name, engines in load.items()}
@@ -55,7 +56,7 @@ def status(node, peers, load, started_ago=86_400 * 3 + 3_600 * 5):
     return NodeStatus(
         version="0.1.0", node=node, started_at_ns=NOW_NS - int(started_ago * 1e9), ready=True,
         requests=requests, tombstones=212, engines=sum(len(e) for e in load.values()), clusters=len(load),
-        peers=tuple(peers), digest=digest,
+        peers=tuple(peers), digest=digest, log_level=log_level,
     )
 
 
@@ -63,9 +64,11 @@ def peer(name, queue=0, sent=48_211, failed=0, dropped=0, lag_ms=3.2):
     return Peer(name, "batch", queue, sent, failed, dropped, lag_ms)
 
 
-def node_snapshots(when=NOW, scale=1.0, disagree=False):
-    load = load_at(scale)
-    load_b = load_at(scale)
+def node_snapshots(when=NOW, scale=1.0, disagree=False, empty=False):
+    """A and B answer (B reports its log level, DEBUG; A is of a version that
+    does not), C does not. ``empty``: the nodes hold no clusters yet."""
+    load = {} if empty else load_at(scale)
+    load_b = {} if empty else load_at(scale)
     if disagree:  # node B missed the last two adds of one cluster
         ip, q, p, age = load_b["qwen2.5-32b"][1]
         load_b["qwen2.5-32b"][1] = (ip, q - 2, p, age)
@@ -76,7 +79,8 @@ def node_snapshots(when=NOW, scale=1.0, disagree=False):
     a = NodeSnapshot(NODE_A, when, 0.004, ready=True, overview=overview(load, time_ns),
                      status=status("10.0.0.5:8080", peers_a, load), cache=CACHE)
     b = NodeSnapshot(NODE_B, when, 0.006, ready=True, overview=overview(load_b, time_ns),
-                     status=status("10.0.0.6:8080", peers_b, load_b, started_ago=3_600 * 2), cache=CACHE)
+                     status=status("10.0.0.6:8080", peers_b, load_b, started_ago=3_600 * 2, log_level="DEBUG"),
+                     cache=CACHE)
     c = NodeSnapshot(NODE_C, when, 2.0, error="timed out after 2s")
     return [a, b, c]
 
@@ -95,7 +99,7 @@ class FixedSource:
         self.snapshots = {s.target: s for s in snapshots}
 
     def describe(self):
-        return f"{len(self.snapshots)} nodes"  # what FixedTargets says for as many URLs
+        return plural(len(self.snapshots), "node")  # what FixedTargets says for as many URLs
 
     def discover(self):
         return list(self.snapshots)
@@ -111,11 +115,14 @@ def outage_snapshots(when=NOW):
     return [NodeSnapshot(t, when, 0.0, error="connection refused") for t in TARGETS]
 
 
-def fixed_app(disagree=False, open_cluster=None, history_steps=60, outage_for=None):
+def fixed_app(disagree=False, open_cluster=None, history_steps=60, outage_for=None, empty=False):
     """A ConsoleApp on fixed data and a fixed clock, with five minutes of
     history already recorded, that never polls on its own. ``outage_for``
-    seconds: every node stopped answering that long ago."""
-    current = outage_snapshots() if outage_for else node_snapshots(disagree=disagree)
+    seconds: every node stopped answering that long ago. ``empty``: the
+    nodes answer but hold no clusters (and there is no history)."""
+    current = outage_snapshots() if outage_for else node_snapshots(disagree=disagree, empty=empty)
+    if empty:
+        history_steps = 0
     history_end = NOW - (outage_for or 0)
     app = ConsoleApp(FixedSource(current), interval=None, clock=lambda: NOW, open_cluster=open_cluster)
     app.state.set_targets(TARGETS)

@@ -26,6 +26,8 @@ from console.once import run_once  # noqa: E402
 from fixed_data import NOW, FixedSource, fixed_app, node_snapshots  # noqa: E402
 
 SIZE = (130, 32)
+SMALL = (80, 24)  # the smallest terminal the console is made for
+RIGHT_10 = ["right"] * 10  # scrolls the table sideways
 
 # name -> (fixed_app arguments, keys pressed, terminal size); docs/console/NAME.svg
 SCREENS = {
@@ -37,12 +39,28 @@ SCREENS = {
     "outage": ({"outage_for": 42}, [], SIZE),
     "log-level": ({}, ["n", "down", "l"], SIZE),
     "help": ({}, ["question_mark"], (130, 50)),
+    "empty": ({"empty": True}, [], SIZE),
+    "narrow": ({}, RIGHT_10, SMALL),
+}
+# The screens at 80x24, checked by test_snapshots.py (not in the docs).
+SMALL_SCREENS = {
+    "overview": ({}, [], SMALL),
+    "cluster": ({"open_cluster": "llama-3-70b"}, [], SMALL),
+    "cluster-scrolled": ({"open_cluster": "llama-3-70b"}, RIGHT_10, SMALL),
+    "nodes": ({}, ["n"], SMALL),
+    "nodes-scrolled": ({}, ["n", *RIGHT_10], SMALL),
+    "help": ({}, ["question_mark"], SMALL),
+    "help-end": ({}, ["question_mark", "end"], SMALL),
+    "log-level": ({}, ["n", "down", "l"], SMALL),
+    "log-level-not-reported": ({}, ["l"], SMALL),
+    "empty": ({"empty": True}, [], SMALL),
+    "outage": ({"outage_for": 42}, [], SMALL),
 }
 ONCE = "once"
 
 
-def screen_app(name):
-    arguments, press, size = SCREENS[name]
+def screen_app(name, screens=SCREENS):
+    arguments, press, size = screens[name]
     return fixed_app(**arguments), press, size
 
 

@@ -58,3 +58,15 @@ def test_screen_screenshot_is_the_accepted_snapshot(name):
 def test_once_screenshot_is_current():
     assert read(doc_path(ONCE)) == normalized(render(ONCE)), (
         "docs/console/once.svg is out of date: run .venv/bin/python tests_console/screenshots.py")
+
+
+def test_the_documented_json_schema_is_the_one_the_console_follows(doc):
+    import json
+
+    from console.report import JSON_SCHEMA
+
+    block = re.search(r"<summary>JSON Schema</summary>\s*```json\n(.*?)\n```", doc, re.S)
+    assert block, "docs/console.md has no JSON Schema block"
+    assert json.loads(block.group(1)) == JSON_SCHEMA, "docs/console.md's JSON Schema differs from console/report.py"
+    for field in JSON_SCHEMA["properties"]:
+        assert f"| `{field}` |" in doc, f"top-level field {field} is not in the table of docs/console.md"

@@ -9,6 +9,7 @@ import pytest
 from console.app import ConsoleApp
 from console.discovery import DnsTargets, FixedTargets
 from console.format import human_bytes
+from console.model import LOG_LEVELS
 from console.nodeclient import target_label
 from console.screens import ClusterScreen, OverviewScreen
 from console.source import HttpSource
@@ -139,6 +140,28 @@ async def test_log_level_is_set_on_the_highlighted_node(start_node):
         assert app.state.actions[-1][1] == (
             f"log level DEBUG on {target_label(second.url)}: log level updated successfully")
         assert "log level DEBUG" in static_text(app.screen, "#actions")
+
+        # opened again, the dialog starts on the level the node now has
+        await pilot.press("l")
+        assert app.screen.query_one("#levels").highlighted == LOG_LEVELS.index("DEBUG")
+        assert static_text(app.screen, "#log-level-now").startswith("Now: DEBUG")
+        await pilot.press("escape", "up", "l")  # the first node: untouched
+        assert app.screen.query_one("#levels").highlighted == LOG_LEVELS.index("INFO")
+
+
+async def test_log_level_dialog_opens_on_a_level_set_elsewhere(node):
+    """A level set by someone else (curl here) is the node's to report, in
+    ``log_level`` of /v1/node/status."""
+    status = (await call(node, "GET", "/v1/node/status"))["data"]
+    if "log_level" not in status:
+        pytest.skip("this node build does not report log_level in /v1/node/status (the console assumes INFO)")
+    await call(node, "POST", "/log/level", {"LevelParam": "WARN"})
+    app = console_for(node.url)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.state.log_level(node.url).level == "WARN", "the reported level")
+        await pilot.press("l")
+        assert app.screen.query_one("#levels").highlighted == LOG_LEVELS.index("WARN")
+        assert static_text(app.screen, "#log-level-now") == "Now: WARN (as the node reports)"
 
 
 def engines_of(app, cluster):

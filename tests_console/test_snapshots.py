@@ -6,13 +6,22 @@ regenerate the documentation's copies with ``tests_console/screenshots.py``."""
 import pytest
 
 from fixed_data import fixed_app
-from screenshots import SCREENS, SIZE, screen_app
+from screenshots import SCREENS, SIZE, SMALL_SCREENS, screen_app
 
 
 @pytest.mark.parametrize("name", list(SCREENS))
 def test_screen(snap_compare, name):
     """The screens shown in docs/console.md."""
     app, press, size = screen_app(name)
+    assert snap_compare(app, press=press, terminal_size=size)
+
+
+@pytest.mark.parametrize("name", list(SMALL_SCREENS))
+def test_screen_at_80x24(snap_compare, name):
+    """Every screen in the smallest terminal the console is made for: the
+    footer keeps ? and q, the help scrolls and says so, the name column stays
+    while the table scrolls sideways."""
+    app, press, size = screen_app(name, SMALL_SCREENS)
     assert snap_compare(app, press=press, terminal_size=size)
 
 

@@ -8,7 +8,7 @@ from console.format import bar, human_age, human_bytes, sparkline
 from console.history import History
 from console.model import BadResponse, Cluster, Engine, NodeSnapshot, NodeStatus, Overview, parse_cache_stats
 from console.nodeclient import normalize_target
-from console.state import DOWN, NOT_READY, SLOW, UP, WAITING, ConsoleState, state_fingerprint
+from console.state import DOWN, NOT_READY, SLOW, UP, WAITING, ConsoleState, KnownLevel, state_fingerprint
 
 
 def test_human_units():
@@ -179,3 +179,92 @@ def test_target_spelling():
     assert parse_server("10.0.0.1") == ("10.0.0.1", 53)
     with pytest.raises(ValueError):
         parse_server("dns.example:53")
+
+
+def test_plurals():
+    from console.format import plural
+
+    assert [plural(n, "node") for n in (0, 1, 2)] == ["0 nodes", "1 node", "2 nodes"]
+    assert plural(1, "engine") == "1 engine" and plural(2, "engine") == "2 engines"
+
+
+def test_texts_with_counts_use_the_right_number():
+    from console.views import agreement_text, data_line
+
+    state = ConsoleState(["http://n:1"], interval=1.0)
+    state.absorb(NodeSnapshot("http://n:1", 10.0, 0.01, overview=Overview(0, ()), status=NodeStatus.parse({})))
+    assert "1/1 node answering" in data_line(state, 10.0).plain
+    assert agreement_text(state.agreement(), None, 10.0).plain == "Agreement: nothing to compare (1 node with status)"
+    state = ConsoleState(["http://a:1", "http://b:1"], interval=1.0)
+    state.absorb(NodeSnapshot("http://a:1", 10.0, 0.01, overview=Overview(0, ()),
+                              status=NodeStatus.parse({"requests": 1, "engines": 1})))
+    state.absorb(NodeSnapshot("http://b:1", 10.0, 0.01, overview=Overview(0, ()),
+                              status=NodeStatus.parse({"requests": 2, "engines": 1})))
+    assert state.agreement().differences == ("totals differ: a:1 1 request/1 engine, b:1 2 requests/1 engine",)
+    assert "1/2 nodes answering" not in data_line(state, 10.0).plain  # both answer
+    assert "2/2 nodes answering" in data_line(state, 10.0).plain
+
+
+def test_log_level_is_parsed_when_the_node_reports_it():
+    assert NodeStatus.parse({}).log_level is None
+    assert NodeStatus.parse({"log_level": "WARN"}).log_level == "WARN"
+    with pytest.raises(BadResponse, match="log_level"):
+        NodeStatus.parse({"log_level": 3})
+
+
+def test_the_known_log_level_prefers_the_newest_word():
+    state = ConsoleState(["http://n:1"], interval=1.0)
+    assert state.log_level("http://n:1") == KnownLevel(None, "")
+    state.absorb(NodeSnapshot("http://n:1", 10.0, 0.01, overview=Overview(0, ()),
+                              status=NodeStatus.parse({"log_level": "WARN"})))
+    assert state.log_level("http://n:1") == KnownLevel("WARN", "node")
+    # set from here after that poll: the node reports it only at the next one
+    state.record_level_set("http://n:1", "DEBUG", 11.0)
+    assert state.log_level("http://n:1") == KnownLevel("DEBUG", "console")
+    state.absorb(NodeSnapshot("http://n:1", 12.0, 0.01, overview=Overview(0, ()),
+                              status=NodeStatus.parse({"log_level": "ERROR"})))  # someone else changed it since
+    assert state.log_level("http://n:1") == KnownLevel("ERROR", "node")
+    # a node that does not report its level: what was set from here, if anything
+    state.absorb(NodeSnapshot("http://n:1", 13.0, 0.01, overview=Overview(0, ()), status=NodeStatus.parse({})))
+    assert state.log_level("http://n:1") == KnownLevel("DEBUG", "console")
+
+
+def test_empty_overview_reasons():
+    from console.views import NO_CLUSTERS_YET, NO_NODE_ANSWERED, empty_overview_text, empty_reason
+
+    state = ConsoleState(["http://a:1", "http://b:1"], interval=1.0)
+    assert empty_reason(state) == NO_NODE_ANSWERED
+    assert "waiting for the first answer" in empty_overview_text(state).plain
+    state.absorb(NodeSnapshot("http://a:1", 10.0, 0.0, error="connection refused"))
+    assert empty_overview_text(state).plain.startswith("No clusters to show: none of the 2 nodes has answered")
+    state.absorb(NodeSnapshot("http://b:1", 10.0, 0.01, overview=Overview(0, ())))
+    assert empty_reason(state) == NO_CLUSTERS_YET
+    assert empty_overview_text(state).plain.startswith("No clusters yet: b:1 answers but holds no load")
+    state.absorb(NodeSnapshot("http://b:1", 11.0, 0.01, overview=Overview(0, (Cluster("c", ()),))))
+    assert empty_reason(state) is None and empty_overview_text(state) is None
+
+
+def test_json_document_of_fixed_data_follows_the_schema():
+    import jsonschema_rs
+
+    from console.report import JSON_SCHEMA, once_document
+    from fixed_data import NODE_A, NODE_B, NODE_C, NOW, TARGETS, node_snapshots
+
+    state = ConsoleState(TARGETS, interval=None)
+    for snapshot in node_snapshots(disagree=True):
+        state.absorb(snapshot)
+    document = once_document(state, NOW, "3 nodes", "llama-3-70b")
+    jsonschema_rs.validate(JSON_SCHEMA, document)
+    assert [c["name"] for c in document["clusters"]] == ["llama-3-70b", "deepseek-r1", "qwen2.5-32b", "mistral-7b"]
+    assert document["clusters"][0]["kv_blocks"] == 18234 and document["clusters"][-1]["kv_blocks"] is None
+    assert [e["mark"] for e in document["engines"]] == ["hot", None, None, "idle"]
+    assert document["engines"][0]["updated_age_seconds"] == pytest.approx(0.2)
+    assert [n["log_level"] for n in document["nodes"]] == [None, "DEBUG", None]
+    assert [n["state"] for n in document["nodes"]] == ["up", "up", "down"]
+    assert document["nodes"][0]["peers"][1] == {"peer": "10.0.0.7:8080", "mode": "batch", "queue_depth": 37,
+                                                "sent": 48211, "failed": 12, "dropped": 0, "lag_seconds": None}
+    assert document["agreement"]["agree"] is False and document["agreement"]["nodes"] == [NODE_A, NODE_B]
+    assert NODE_C not in document["agreement"]["nodes"]
+    # a field the schema does not name is refused: the schema lists all of them
+    with pytest.raises(jsonschema_rs.ValidationError):
+        jsonschema_rs.validate(JSON_SCHEMA, {**document, "extra": 1})
