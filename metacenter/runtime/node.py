@@ -17,6 +17,7 @@ from metacenter.core.cache import CacheIndex
 from metacenter.core.events import (EVENT_ADD, EVENT_CACHE_SAVE, EVENT_DELETE, LoadAdd, LoadDelete,
                                     ORIGIN_CLIENT)
 from metacenter.core.load import LoadState
+from metacenter.runtime import logs
 from metacenter.runtime.metrics import CacheCollector, Metrics
 
 
@@ -162,6 +163,7 @@ class Node:
             "engines": state.engine_count,
             "clusters": len(state.clusters),
             "peers": self.peer_status(),
+            "log_level": logs.current_level(),
             "digest": {name: {"live": c.live, "digest": format(c.digest, "016x")}
                        for name, c in state.clusters.items()},
         }
