@@ -113,6 +113,16 @@ def log_level(text):
     return level
 
 
+LOG_FORMATS = ("text", "json")
+
+
+def log_format(text):
+    value = str(text).strip().lower() if isinstance(text, str) else text
+    if value not in LOG_FORMATS:
+        raise ValueError(f"expected one of {' '.join(LOG_FORMATS)}, got {text!r}")
+    return value
+
+
 def ip_address(text):
     try:
         return str(ipaddress.ip_address(str(text).strip()))
@@ -193,6 +203,9 @@ SETTINGS = (
             env=("METACENTER_MAX_BODY",)),
     Setting("log-level", log_level, "INFO", "Initial log level (TRACE DEBUG INFO WARN ERROR FATAL).",
             env=("METACENTER_LOG_LEVEL",)),
+    Setting("log-format", log_format, "text",
+            "text: twistd's lines; json: one JSON object per line (time, level, namespace, message, fields).",
+            env=("METACENTER_LOG_FORMAT",)),
     Setting("access-log", boolean, False, "Log every HTTP request (off by default: the hot path).",
             env=("METACENTER_ACCESS_LOG",), flag=True),
     # -- the KV-cache index (docs/cache.md) ---------------------------------------

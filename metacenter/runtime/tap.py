@@ -9,10 +9,13 @@ stall watch. The node and its collaborators are built first, in one call
 
 import gc
 import os
+import sys
 
 from prometheus_client import CollectorRegistry
-from twisted.application import strports
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from metacenter.api.server import MetacenterAPI
@@ -49,12 +52,42 @@ class Options(usage.Options):
             if s.repeatable:
                 self[s.name] = []
 
+    def parseOptions(self, options=None):
+        """Parses, resolves and checks every setting. Under twistd a bad one
+        ends the process with one line on stderr and exit status 2; used on
+        its own (self.parent is None) it raises ``usage.UsageError``."""
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise
+            # twistd prints its whole usage (~60 lines) before a UsageError's
+            # message; the one line naming the option is what an operator needs.
+            sys.stderr.write(f"twistd metacenter: {e} (see: twistd metacenter --help)\n")
+            sys.stderr.flush()
+            raise SystemExit(2) from None
+
+    def parseArgs(self, *args):
+        if args:
+            raise usage.UsageError(f"unexpected argument {args[0]!r}: every setting is an option (--name value)")
+
     def postOptions(self):
         given = {s.name: self.get(s.name) for s in config_module.SETTINGS}
         try:
             self.resolved = config_module.resolve(given, os.environ, self.get("config"))
         except config_module.ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        if self.resolved.log_format == "json" and self.parent is not None:
+            self._log_as_json(self.parent)
+
+    def _log_as_json(self, twistd_options):
+        # twistd builds its log observer after parsing the options, from its
+        # --logger factory: ours, unless the operator chose one there.
+        taken = [f"--{name}" for name in ("logger", "syslog") if twistd_options.get(name)]
+        if taken:
+            raise usage.UsageError(f"--log-format json: twistd's {' and '.join(taken)} also chooses the log "
+                                   "format; give one or the other")
+        logs.log_as_json(twistd_options)
 
 
 def _add_repeatable(setting):
@@ -103,6 +136,48 @@ def _add_cluster_services(top, cfg, node, replicator, client, reactor):
                ).setServiceParent(top)
 
 
+class ListenFailed(Exception):
+    """The API's endpoint cannot listen; the message is the one line to print."""
+
+
+def _print_listen_failure(previous_hook):
+    def hook(kind, value, traceback):
+        if isinstance(value, ListenFailed):
+            sys.__stderr__.write(f"{value}\n")
+            sys.__stderr__.flush()
+        else:
+            previous_hook(kind, value, traceback)
+
+    return hook
+
+
+class APIListener(StreamServerEndpointService):
+    """The API's listening port (``--listen``). A port that cannot be opened
+    (in use, not permitted) stops twistd with one line such as ``cannot
+    listen on 127.0.0.1:8080: address already in use (set --listen)``
+    instead of a traceback."""
+
+    _raiseSynchronously = True  # as strports.service: fail at start, not later in the log
+
+    def __init__(self, description, factory, reactor):
+        super().__init__(serverFromString(reactor, description), factory)
+
+    def privilegedStartService(self):
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
+            if isinstance(e.port, str):  # a UNIX socket's path
+                address = e.port
+            else:
+                address = f"{e.interface or '0.0.0.0'}:{e.port}"
+            # twistd reports an error at start (the daemon's status pipe, the
+            # pid file) and re-raises it; the hook prints this one instead of
+            # the traceback the interpreter would print on the way out.
+            sys.excepthook = _print_listen_failure(sys.excepthook)
+            raise ListenFailed(f"cannot listen on {address}: {reason.lower()} (set --listen)") from None
+
+
 def makeService(options, reactor=None):
     """The service tree of one node from parsed ``Options`` (or a resolved
     ``config.Config``)."""
@@ -129,7 +204,7 @@ def makeService(options, reactor=None):
 
     top = MultiService()
     site = MetacenterSite(api.resource(), max_body=cfg.max_body, access_log=cfg.access_log, reactor=reactor)
-    strports.service(cfg.listen, site, reactor=reactor).setServiceParent(top)
+    APIListener(cfg.listen, site, reactor).setServiceParent(top)
 
     sweeper = Sweeper(node.state, node.metrics, node.cooperate, cache=node.cache)
     Periodic(cfg.gc_interval, sweeper.sweep, what="expiry sweep", clock=reactor,
