@@ -183,10 +183,18 @@ class PeerClient:
             method, "http://" + format_peer(peer) + path, data=body or None,
             headers=self._headers(method, path, body, headers), allow_redirects=False, unbuffered=True)
 
+    def _answered(self, peer, status, content):
+        # Every answer tells whether the peer accepts this node's signature
+        # (a 401 refuses it): the node is not ready while every peer refuses.
+        if self._auth is not None:
+            self._auth.answered(peer, status, content)
+        return status, content
+
     def request(self, method, peer, path, body=b"", headers=None, timeout=None):
         """Deferred (status code, body bytes)."""
         d = self._send(method, peer, path, body, headers)
-        d.addCallback(lambda response: treq.content(response).addCallback(lambda content: (response.code, content)))
+        d.addCallback(lambda response: treq.content(response).addCallback(
+            lambda content: self._answered(peer, response.code, content)))
         return d.addTimeout(timeout or self.request_timeout, self.clock)
 
     def stream(self, method, peer, path, body=b"", on_line=None, timeout=None, headers=None, answer_timeout=None):
@@ -202,7 +210,8 @@ class PeerClient:
 
         def got_response(response):
             if response.code != 200:
-                return treq.content(response).addCallback(lambda content: (response.code, content))
+                return treq.content(response).addCallback(lambda content: self._answered(peer, response.code, content))
+            self._answered(peer, 200, None)
             reader = LineReader(on_line)
             response.deliverBody(reader)
             return reader.done.addCallback(lambda _: (200, None))

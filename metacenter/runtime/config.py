@@ -162,6 +162,24 @@ def text_value(text):
     return text
 
 
+def secret_list(text):
+    """Cluster secrets, comma separated in one value (the environment) or
+    given several times / as a TOML list; the first signs, any verifies. A
+    secret cannot contain a comma; spaces around one are dropped."""
+    items = text if isinstance(text, (list, tuple)) else [text]
+    secrets = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"expected a string or a list of strings, got {item!r}")
+        for number, part in enumerate(item.split(","), 1):
+            part = part.strip()
+            if not part:
+                raise ValueError(f"secret {number} of {item.count(',') + 1} in this value is empty")
+            if part not in secrets:
+                secrets.append(part)
+    return tuple(secrets)
+
+
 def ip_list(text):
     """One or more IP addresses, comma separated (POD_IP, --advertise)."""
     if isinstance(text, (list, tuple)):
@@ -228,8 +246,10 @@ SETTINGS = (
             repeatable=True),
     Setting("peer-port", port_number, 80, "Port of the peers found through DNS.", env=("REPLICA_CLIENT_TARGET_PORT",)),
     Setting("advertise", ip_list, (), "This node's own address(es), excluded from the peers.", env=("POD_IP",)),
-    Setting("cluster-secret", text_value, "", "Shared secret authenticating replication between nodes.",
-            env=("METACENTER_CLUSTER_SECRET",)),
+    Setting("cluster-secret", secret_list, (),
+            "Shared secret authenticating replication between nodes (repeatable, or comma separated: the first "
+            "signs, any verifies; see Secret rotation in docs/deployment.md).",
+            env=("METACENTER_CLUSTER_SECRET",), repeatable=True),
     Setting("replica-dial-timeout", positive_duration, 0.5, "Connect timeout towards a peer.",
             env=("REPLICA_CLIENT_DIAL_TIMEOUT",)),
     Setting("replica-request-timeout", positive_duration, 1.0, "Timeout of one replication request.",

@@ -25,30 +25,33 @@ class Readiness:
     """Whether this node's state is complete enough to be served as the
     cluster's (``/readyz``, the replica routes a starting peer reads), and if
     not, why. Shared by the node (which reports it) and the jobs that decide
-    it (warm start, resync).
+    it: the warm start and resync (cause ``"state"``), the peers' verdict on
+    this node's signature (cause ``"peer-auth"``).
 
     ``ready`` (bool) and ``reason`` (str, or None while ready) are read-only;
-    ``hold(reason)`` makes the node not ready, ``release()`` ready again.
+    ``hold(reason, cause)`` makes the node not ready, ``release(cause)``
+    lifts that cause. Causes are independent: the node is ready when none
+    holds, and ``reason`` joins the reasons of all that do.
     """
 
     def __init__(self):
-        self._reason = None
+        self._reasons = {}  # cause -> reason, in the order they were held
 
     @property
     def ready(self):
-        return self._reason is None
+        return not self._reasons
 
     @property
     def reason(self):
-        return self._reason
+        return "; ".join(self._reasons.values()) if self._reasons else None
 
-    def hold(self, reason):
+    def hold(self, reason, cause="state"):
         """Not ready, because of ``reason`` (a non-empty str for /readyz)."""
-        self._reason = reason
+        self._reasons[cause] = reason
 
-    def release(self):
-        """Ready again."""
-        self._reason = None
+    def release(self, cause="state"):
+        """``cause`` no longer holds (ready if no other does)."""
+        self._reasons.pop(cause, None)
 
 
 def _no_peers():

@@ -21,7 +21,7 @@ from twisted.python import usage
 from metacenter.api.server import MetacenterAPI
 from metacenter.api.site import MetacenterSite
 from metacenter.cluster.antientropy import AntiEntropy
-from metacenter.cluster.auth import PeerAuthenticator
+from metacenter.cluster.auth import PeerAuthenticator, PeerVerdicts
 from metacenter.cluster.discovery import PeerDiscovery
 from metacenter.cluster.replication import PeerClient, Replicator, make_http_client
 from metacenter.cluster.warmstart import StallWatch, WarmStart
@@ -103,9 +103,10 @@ for _setting in config_module.SETTINGS:
         setattr(Options, "opt_" + _setting.name.replace("-", "_"), _add_repeatable(_setting))
 
 
-def _peer_client(cfg, reactor):
-    """The transport to peers, signing requests when a cluster secret is set."""
-    authenticator = PeerAuthenticator(cfg.cluster_secret)
+def _peer_client(cfg, reactor, verdicts):
+    """The transport to peers, signing requests when a cluster secret is set
+    and telling ``verdicts`` whether each peer accepts the signature."""
+    authenticator = PeerAuthenticator(cfg.cluster_secret, verdicts=verdicts)
     if not authenticator.enabled:
         logs.logger("metacenter.runtime.tap").warn(
             "no cluster secret (--cluster-secret or METACENTER_CLUSTER_SECRET): replication and snapshot "
@@ -116,11 +117,12 @@ def _peer_client(cfg, reactor):
     return client, authenticator
 
 
-def _add_cluster_services(top, cfg, node, replicator, client, reactor):
+def _add_cluster_services(top, cfg, node, replicator, client, reactor, verdicts):
     """Peers (discovery), replication to them, the warm start from them,
     anti-entropy with them and the stall watch, as children of ``top``."""
     discovery = PeerDiscovery.from_config(cfg, clock=reactor, registry=node.metrics.registry)
     discovery.add_listener(replicator.peers_changed)
+    discovery.add_listener(verdicts.peers_changed)
     replicator.setServiceParent(top)
     discovery.setServiceParent(top)
     warm_start = WarmStart(node, client, discovery, reactor, timeout=cfg.warm_start_timeout,
@@ -189,14 +191,16 @@ def makeService(options, reactor=None):
     # The replicator is the node's peer-status source and event listener,
     # so it is built first, on the registry the node's metrics will use.
     registry = CollectorRegistry(auto_describe=True)
-    client, authenticator = _peer_client(cfg, reactor)
+    readiness = Readiness()
+    verdicts = PeerVerdicts(readiness, reactor, registry=registry)
+    client, authenticator = _peer_client(cfg, reactor, verdicts)
     replicator = Replicator(client, reactor, registry=registry, batch_size=cfg.replica_batch_size,
                             batch_interval=cfg.replica_batch_interval, queue_size=cfg.replica_queue_size,
                             max_batch_bytes=cfg.max_body, probe_interval=cfg.replica_probe_interval)
     node = build_node(reactor, request_expire=cfg.request_expire, tombstone_ttl=cfg.tombstone_ttl,
                       cache_engine_blocks=cfg.cache_engine_blocks, cache_ttl=cfg.cache_ttl,
                       cache_max_blocks=cfg.cache_max_blocks, advertise=",".join(cfg.advertise),
-                      registry=registry, readiness=Readiness(), cooperate=chunk_per_turn(reactor).cooperate,
+                      registry=registry, readiness=readiness, cooperate=chunk_per_turn(reactor).cooperate,
                       peer_status=replicator.peer_status, listeners=[replicator.event_accepted])
     api = MetacenterAPI(node, node.metrics)
     if authenticator.enabled:
@@ -210,7 +214,7 @@ def makeService(options, reactor=None):
     Periodic(cfg.gc_interval, sweeper.sweep, what="expiry sweep", clock=reactor,
              log=logs.logger("metacenter.runtime.sweeper")).setServiceParent(top)
 
-    _add_cluster_services(top, cfg, node, replicator, client, reactor)
+    _add_cluster_services(top, cfg, node, replicator, client, reactor, verdicts)
 
     # Everything built so far lives as long as the process: move it out of the
     # cyclic collector's way, so full collections only walk what is new.
