@@ -10,7 +10,7 @@ import json
 
 from metacenter.core.cache import IPS_MAX_ITEMS, PROMPT_HASH_MAX_ITEMS, TOPK_DEFAULT, TOPK_MAX
 from metacenter.core.errors import InvalidInput
-from metacenter.core.events import CacheSave, LoadAdd, LoadDelete
+from metacenter.core.events import EVENT_ADD, CacheSave, LoadAdd, LoadDelete
 from metacenter.core.fields import (INT32_MAX, canonical_ip, int_field, ip_field, json_type, required_string,
                                     timestamp_field, uint64_list)
 from metacenter.api.envelope import invalid_json
@@ -57,6 +57,32 @@ def load_delete(obj):
     request_id counts; the gateway also sends its other (empty) fields, which
     are ignored."""
     return LoadDelete((required_string(obj, "request_id"), timestamp_field(obj)))
+
+
+def load_event(event_type, obj):
+    """A replicated load event of a known type (``core.events.LOAD_EVENT_TYPES``)
+    -> ``LoadAdd`` for an add, ``LoadDelete`` for either delete."""
+    return load_add(obj) if event_type == EVENT_ADD else load_delete(obj)
+
+
+def read_events(body, max_events):
+    """A replica batch's bytes -> its ``events`` array (at most
+    ``max_events`` items, each still to be checked on its own)."""
+    events = parse_json_object(body).get("events")
+    if not isinstance(events, list):
+        raise InvalidInput("field 'events' must be an array")
+    if len(events) > max_events:
+        raise InvalidInput(f"field 'events' holds more than {max_events} events")
+    return events
+
+
+def cluster_list(obj):
+    """``{"clusters": [str, ...]}`` (anti-entropy's requests) -> the names,
+    each checked like a client's 'cluster' (non-empty, valid text)."""
+    clusters = obj.get("clusters")
+    if not isinstance(clusters, list):
+        raise InvalidInput("field 'clusters' must be an array of strings")
+    return [required_string({"cluster": c}, "cluster") for c in clusters]
 
 
 def cluster_query(args):

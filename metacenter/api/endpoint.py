@@ -1,28 +1,41 @@
-"""What every route shares: the one Klein app, the ``endpoint`` decorator
-that maps results and errors to the envelope (the only place that does), and
-body reading.
+"""What every route shares: the ``endpoint`` decorator, the only place where
+results and errors become responses, and body reading.
 
-Route sets live in their own modules as mixin classes decorated with this
-``app``; ``api.MetacenterAPI`` combines them.
+``endpoint`` only marks a method; ``register_routes`` puts every marked
+method of an API class on that class's own Klein app (``api.server``), so
+there is no module-global app. A route is ``fn(self, request, trace_id)``;
+what every route needs (413 for an oversized body, the trace id, metrics,
+the error mapping) and what some need (the peer signature, readiness, an
+NDJSON stream) is done here, once.
+
+The API object a route belongs to provides ``node``, ``metrics``,
+``peer_auth`` (a ``cluster.auth.PeerAuthenticator`` or None) and
+``refused_peers`` (a ``runtime.logs.ThrottledLog``).
 """
 
 import functools
+from itertools import chain
 from time import perf_counter
 
-from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from metacenter.api import envelope
-from metacenter.core.errors import InvalidInput
-from metacenter.runtime.logs import logger
 from metacenter.api.bodies import parse_json_object
+from metacenter.cluster.auth import Unauthorized
+from metacenter.cluster.snapshot import ChunkProducer
+from metacenter.runtime.logs import logger
 
-app = Klein()
 log = logger("metacenter.api.endpoint")
+# Refused peer requests are logged where replication logs its own trouble.
+peer_log = logger("metacenter.replica")
 
 _TRACE_HEADER = b"traceid"
 _JSON = envelope.JSON_CONTENT_TYPE
+_NDJSON = b"application/x-ndjson"
+# A refused peer request is logged at most this often (seconds): a node
+# with the wrong secret retries every batch.
+REFUSED_PEER_LOG_INTERVAL = 60.0
 
 
 class Raw(bytes):
@@ -30,7 +43,8 @@ class Raw(bytes):
 
 
 class PlainResponse:
-    """A route result outside the envelope (/metrics)."""
+    """A route result outside the envelope (/metrics, /openapi.json): the
+    body (bytes), its Content-Type (bytes) and the status."""
 
     __slots__ = ("body", "content_type", "status")
 
@@ -41,6 +55,7 @@ class PlainResponse:
 
 
 def trace_id_of(request):
+    """The request's ``TraceId`` header (the gateway's), else a new UUID4."""
     value = request.requestHeaders.getRawHeaders(_TRACE_HEADER)
     if value and value[0]:
         try:
@@ -52,7 +67,7 @@ def trace_id_of(request):
 
 def read_json_object(request):
     """The request body as a JSON object (any Content-Type: gateways send
-    DELETE bodies without one)."""
+    DELETE bodies without one); a 400 ``ApiError`` saying why otherwise."""
     return parse_json_object(request.content.read())
 
 
@@ -71,8 +86,6 @@ def respond(api, request, url, result, started=None):
 
 
 def _write(api, request, trace_id, url, method, started, result):
-    if isinstance(result, InvalidInput):
-        result = envelope.invalid(result.reason)
     if isinstance(result, PlainResponse):
         request.setResponseCode(result.status)
         request.setHeader(b"Content-Type", result.content_type)
@@ -100,42 +113,176 @@ def _write(api, request, trace_id, url, method, started, result):
 
 
 def _as_error(failure_or_exc, request, url):
+    """The ``ApiError`` answering an exception or a Failure; anything the
+    envelope does not know is a bug: logged, answered 500."""
     exc = failure_or_exc.value if isinstance(failure_or_exc, Failure) else failure_or_exc
-    if isinstance(exc, envelope.ApiError):
-        return exc
-    if isinstance(exc, InvalidInput):
-        return envelope.invalid(exc.reason)
+    error = envelope.error_for(exc)
+    if error is not None:
+        return error
     log.failure("unhandled error in {method} {url}",
                 failure_or_exc if isinstance(failure_or_exc, Failure) else Failure(exc),
                 method=request.method.decode("ascii", "replace"), url=url)
     return envelope.internal()
 
 
-def endpoint(url, methods):
-    """Register ``fn(self, request, trace_id)`` on ``app`` for ``url``; its
-    result (data, ``Raw`` data, a ``PlainResponse`` or a Deferred of one) or
-    its ``ApiError`` becomes the response. ``url`` is also the metrics label."""
+# -- the checks an endpoint's options add -------------------------------------------
+
+
+def _check_peer(api, request):
+    """With a cluster secret, only a request signed with it passes (the
+    signature covers the body, so it is read here and rewound for the
+    route); ``auth.Unauthorized`` otherwise, logged at most once a minute."""
+    authenticator = api.peer_auth
+    if authenticator is None:
+        return
+    content = request.content
+    body = content.read()
+    content.seek(0)
+    try:
+        authenticator.check(request, body)
+    except Unauthorized as e:
+        client = request.getClientAddress()
+        api.refused_peers.emit("peer", None, "warn", "refused a peer request from {client} to {path}: {reason}",
+                               client=getattr(client, "host", "?"), path=request.path.decode("utf-8", "replace"),
+                               reason=e.reason)
+        raise
+
+
+def _check_ready(api, request):
+    # A node still warming up has a partial state: a starting peer asks
+    # someone else, and anti-entropy waits.
+    node = api.node
+    if not node.ready:
+        raise envelope.unavailable(node.not_ready_reason or "warm start in progress")
+
+
+# -- the decorator ---------------------------------------------------------------------
+
+
+class Route:
+    """What ``endpoint`` records on a handler (as ``handler.route``) for
+    ``register_routes``, and for tests that compare routes with the document."""
+
+    __slots__ = ("url", "methods", "peer", "ready", "stream")
+
+    def __init__(self, url, methods, peer, ready, stream):
+        self.url = url
+        self.methods = tuple(methods)
+        self.peer = peer
+        self.ready = ready
+        self.stream = stream
+
+
+def endpoint(url, methods, *, peer=False, ready=False, stream=False):
+    """Mark ``fn(self, request, trace_id)`` as the route for ``url`` and
+    ``methods`` (``url`` is also the metrics label).
+
+    Its result (data, ``Raw`` data, a ``PlainResponse``, or a Deferred of
+    one) or its exception (``ApiError``, ``InvalidInput`` -> 400,
+    ``auth.Unauthorized`` -> 401, anything else -> a logged 500) becomes the
+    response. Before it runs: 413 for a body over the site's limit; with
+    ``peer``, 401 unless the request carries a valid peer signature (when
+    the node has a cluster secret); with ``ready``, 503 while the node is
+    not ready. With ``stream``, ``fn`` returns an iterable of bytes chunks,
+    written as ``application/x-ndjson`` under the connection's
+    back-pressure; its first chunk is taken before anything is written, so
+    an error up to there is an ordinary envelope answer, and one after it
+    breaks the connection (the client sees no "end" line).
+    """
+    checks = tuple(check for check, wanted in ((_check_peer, peer), (_check_ready, ready)) if wanted)
+    method = methods[0]
 
     def decorate(fn):
-        method_label = methods[0]
+        if stream:
+            def handler(self, request, **kwargs):
+                return _serve_stream(self, request, fn, kwargs, url, checks)
+        elif checks:
+            def handler(self, request, **kwargs):
+                started = perf_counter()
+                trace_id = trace_id_of(request)
+                try:
+                    if getattr(request, "body_too_large", False):
+                        raise envelope.too_large(request.max_body)
+                    for check in checks:
+                        check(self, request)
+                    result = fn(self, request, trace_id, **kwargs)
+                except Exception as e:
+                    result = _as_error(e, request, url)
+                if isinstance(result, Deferred):
+                    return _when_done(self, request, trace_id, url, method, started, result)
+                return _write(self, request, trace_id, url, method, started, result)
+        else:
+            # The gateway's routes: nothing but what every route needs.
+            def handler(self, request, **kwargs):
+                started = perf_counter()
+                trace_id = trace_id_of(request)
+                try:
+                    if getattr(request, "body_too_large", False):
+                        raise envelope.too_large(request.max_body)
+                    result = fn(self, request, trace_id, **kwargs)
+                except Exception as e:
+                    result = _as_error(e, request, url)
+                if isinstance(result, Deferred):
+                    return _when_done(self, request, trace_id, url, method, started, result)
+                return _write(self, request, trace_id, url, method, started, result)
 
-        @app.route(url, methods=list(methods))
-        @functools.wraps(fn)
-        def handler(self, request, **kwargs):
-            started = perf_counter()
-            trace_id = trace_id_of(request)
-            try:
-                if getattr(request, "body_too_large", False):
-                    raise envelope.too_large(request.max_body)
-                result = fn(self, request, trace_id, **kwargs)
-            except Exception as e:
-                result = _as_error(e, request, url)
-            if isinstance(result, Deferred):
-                result.addErrback(_as_error, request, url)
-                result.addCallback(lambda r: _write(self, request, trace_id, url, method_label, started, r))
-                return result
-            return _write(self, request, trace_id, url, method_label, started, result)
-
+        functools.update_wrapper(handler, fn)
+        handler.route = Route(url, methods, peer, ready, stream)
         return handler
 
     return decorate
+
+
+def _when_done(api, request, trace_id, url, method, started, result):
+    result.addErrback(_as_error, request, url)
+    result.addCallback(lambda r: _write(api, request, trace_id, url, method, started, r))
+    return result
+
+
+def _serve_stream(api, request, fn, kwargs, url, checks):
+    started = perf_counter()
+    trace_id = trace_id_of(request)
+    method = method_label(request)
+    try:
+        if getattr(request, "body_too_large", False):
+            raise envelope.too_large(request.max_body)
+        for check in checks:
+            check(api, request)
+        chunks = iter(fn(api, request, trace_id, **kwargs))
+        first = next(chunks, b"")
+    except Exception as e:
+        return _write(api, request, trace_id, url, method, started, _as_error(e, request, url))
+    request.setHeader(b"Content-Type", _NDJSON)
+    request.setHeader(b"X-Trace-ID", trace_id.encode("utf-8"))
+    done = ChunkProducer(request, chain((first,), chunks), api.node.cooperate).start()
+
+    # Everything is written: the Deferred's result is the (empty) rest of
+    # the body, which the resource writes before it finishes the request.
+    def finished(result):
+        api.metrics.observe_http(url, method, 200, perf_counter() - started)
+        return b""
+
+    def failed(failure):
+        log.failure("streaming {url} failed", failure, url=url)
+        # The client sees a broken stream without its "end" line, never a
+        # complete-looking partial one.
+        transport = getattr(request.channel, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
+        return b""
+
+    return done.addCallbacks(finished, failed)
+
+
+def register_routes(cls):
+    """Class decorator: every ``endpoint`` method of ``cls`` (its own and
+    its bases', in definition order) on ``cls.app``, a ``klein.Klein``."""
+    seen = set()
+    for klass in cls.__mro__:
+        for name, value in vars(klass).items():
+            route = getattr(value, "route", None)
+            if not isinstance(route, Route) or name in seen:
+                continue
+            seen.add(name)
+            cls.app.route(route.url, methods=list(route.methods), endpoint=name)(value)
+    return cls

@@ -1,11 +1,19 @@
-"""The response envelope and the API's error classes: one place for both.
+"""The response envelope and the API's errors: one place for both.
 
     {"status": "OK"|"ERROR", "error": null|{"code","message","reason"},
      "data": ..., "trace_id": ...}
+
+The format and the codes are the reference service's (docs/api.md). Layers
+below the API raise their own errors (the core's ``InvalidInput``, the peer
+check's ``auth.Unauthorized``); ``error_for`` maps them to ``ApiError`` here,
+and ``api.endpoint`` is the only caller that turns one into a response.
 """
 
 import json
 from random import getrandbits
+
+from metacenter.cluster.auth import Unauthorized
+from metacenter.core.errors import InvalidInput
 
 JSON_CONTENT_TYPE = b"application/json; charset=utf-8"
 
@@ -71,6 +79,19 @@ def internal():
     return ApiError(500, CODE_INTERNAL, "Internal error", "an unexpected error occurred; see the node's log")
 
 
+def error_for(exc):
+    """The ``ApiError`` answering ``exc``: itself, a 400 for the core's
+    ``InvalidInput``, a 401 for a refused peer signature; None for anything
+    else (a bug: the caller logs it and answers ``internal()``)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, InvalidInput):
+        return invalid(exc.reason)
+    if isinstance(exc, Unauthorized):
+        return unauthorized(exc.reason)
+    return None
+
+
 _UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
 _UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
 
@@ -83,6 +104,7 @@ def new_trace_id():
 
 
 def ok_body(data, trace_id):
+    """An OK envelope around ``data`` (any JSON value), as UTF-8 bytes."""
     return _dumps({"status": "OK", "error": None, "data": data, "trace_id": trace_id}).encode("utf-8")
 
 
@@ -93,6 +115,7 @@ def ok_body_raw(data_json, trace_id):
 
 
 def error_body(error, trace_id):
+    """The ERROR envelope of an ``ApiError``, as UTF-8 bytes."""
     return _dumps({
         "status": "ERROR",
         "error": {"code": error.code, "message": error.message, "reason": error.reason},
@@ -102,4 +125,5 @@ def error_body(error, trace_id):
 
 
 def dumps(value):
+    """Compact JSON (UTF-8 bytes), the encoding of every body we write."""
     return _dumps(value).encode("utf-8")

@@ -29,7 +29,6 @@ import time
 
 from prometheus_client import Gauge
 
-from metacenter.api.envelope import unauthorized
 from metacenter.cluster.discovery import format_peer
 from metacenter.runtime import logs
 
@@ -41,6 +40,15 @@ LOG_INTERVAL = 60.0  # seconds between two log lines about peers refusing this n
 _DOMAIN = b"metacenter-peer-v1"
 _TIMESTAMP = re.compile(r"\d{1,16}")
 _SIGNATURE = re.compile(r"[0-9a-fA-F]{64}")
+
+
+class Unauthorized(Exception):
+    """A peer request that is not authentic. ``reason`` says why in one
+    sentence; the API answers it as 401 (code 40101001) in the envelope."""
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
 
 
 def _bytes(value):
@@ -99,38 +107,38 @@ def _header(headers, name):
         return None
     values = [v.decode("latin-1") if isinstance(v, bytes) else v for v in values]
     if len(values) > 1:
-        raise unauthorized(f"more than one {name} header")
+        raise Unauthorized(f"more than one {name} header")
     return values[0].strip()
 
 
 def verify(secret, method, path, body, headers, now, window=DEFAULT_WINDOW):
     """Returns None for a request signed with ``secret`` (or any of a
-    sequence of secrets) and fresh, raises
-    ``metacenter.envelope.unauthorized`` (401, 40101001) otherwise."""
+    sequence of secrets) and fresh, raises ``Unauthorized`` otherwise
+    (``ValueError`` without a secret)."""
     keys = _keys(secret)
     timestamp = _header(headers, TIMESTAMP_HEADER)
     signature = _header(headers, SIGNATURE_HEADER)
     if signature is None:
-        raise unauthorized(f"missing {SIGNATURE_HEADER} header: this node requires signed peer requests")
+        raise Unauthorized(f"missing {SIGNATURE_HEADER} header: this node requires signed peer requests")
     if timestamp is None:
-        raise unauthorized(f"missing {TIMESTAMP_HEADER} header")
+        raise Unauthorized(f"missing {TIMESTAMP_HEADER} header")
     if not _TIMESTAMP.fullmatch(timestamp):
-        raise unauthorized(f"malformed {TIMESTAMP_HEADER} header: expected milliseconds since the epoch")
+        raise Unauthorized(f"malformed {TIMESTAMP_HEADER} header: expected milliseconds since the epoch")
     if not _SIGNATURE.fullmatch(signature):
-        raise unauthorized(f"malformed {SIGNATURE_HEADER} header: expected 64 hex digits")
+        raise Unauthorized(f"malformed {SIGNATURE_HEADER} header: expected 64 hex digits")
     given = signature.lower().encode("ascii")
     # Every secret is tried, so the time taken does not tell which one matched.
     matches = [hmac.compare_digest(_signature(key, method, path, timestamp, body).encode("ascii"), given)
                for key in keys]
     if not any(matches):
-        raise unauthorized("bad signature: wrong cluster secret, or the request was altered")
+        raise Unauthorized("bad signature: wrong cluster secret, or the request was altered")
     # Checked after the signature, so only an authentic request is told about
     # its clock: a replay or a node whose clock is off.
     skew = now - int(timestamp) / 1000
     if skew > window:
-        raise unauthorized(f"timestamp outside the validity window: {skew:.1f} s old, at most {window:g} s accepted")
+        raise Unauthorized(f"timestamp outside the validity window: {skew:.1f} s old, at most {window:g} s accepted")
     if skew < -window:
-        raise unauthorized(
+        raise Unauthorized(
             f"timestamp outside the validity window: {-skew:.1f} s in the future, at most {window:g} s accepted")
 
 
@@ -167,7 +175,7 @@ class PeerAuthenticator:
         return sign(self.secrets, method, path, body, self._now())
 
     def check(self, request, body):
-        """Raises ``unauthorized`` unless the incoming request is authentic."""
+        """Raises ``Unauthorized`` unless the incoming request is authentic."""
         if self.enabled:
             verify_request(self.secrets, request, body, self._now(), self.window)
 

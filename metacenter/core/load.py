@@ -123,25 +123,29 @@ def request_fingerprint(request_id, prompt_deleted):
 
 
 class Engine:
-    """Counters of one inference engine (cluster, ip)."""
+    """Counters of one inference engine (cluster, ip).
 
-    __slots__ = ("engine_id", "cluster", "ip", "queued", "prompt", "updated_ns", "version", "wire")
+    ``queued``: requests in flight; ``prompt``: their prompt bytes still in
+    prefill; ``updated_ns``: ns since the epoch of the last change (the
+    wire's ``updated_time``); ``engine_id``: unique for the state's life,
+    never reused; ``version``: the state's sequence number at the last
+    change, so readers can cache what they derive from the engine.
+    """
 
-    def __init__(self, engine_id, cluster, ip, updated_ns):
+    __slots__ = ("engine_id", "cluster", "ip", "queued", "prompt", "updated_ns", "version")
+
+    def __init__(self, engine_id: int, cluster: str, ip: str, updated_ns: int):
         self.engine_id = engine_id
         self.cluster = cluster
         self.ip = ip
         self.queued = 0
         self.prompt = 0
         self.updated_ns = updated_ns
-        # The state's sequence number at this engine's last change (like
-        # Cluster.version), so readers can cache what they derive from it.
         self.version = 0
-        # (version, what a reader derived from this engine): the HTTP layer
-        # keeps the engine's serialised form here, valid while versions match.
-        self.wire = (-1, None)
 
-    def as_dict(self):
+    def as_dict(self) -> dict:
+        """The wire's engine object (the reference's field names):
+        ``{"ip", "queued_req_num", "prompt_length": bytes, "updated_time": ns}``."""
         return {
             "ip": self.ip,
             "queued_req_num": self.queued,
@@ -151,22 +155,22 @@ class Engine:
 
 
 class Cluster:
-    """Engines of one cluster (a model), plus what replicas compare."""
+    """Engines of one cluster (a model), plus what replicas compare.
 
-    __slots__ = ("name", "engines", "version", "live", "digest", "wire")
+    ``engines``: {ip: Engine}. ``version``: the state's sequence number at
+    the last change of any of its engines (state-wide, so a cluster that is
+    removed and re-created never repeats one). ``live`` and ``digest``: the
+    live request count and the XOR of their ``request_fingerprint``s, equal
+    on two nodes (almost surely) iff they hold the same live requests in the
+    same state.
+    """
 
-    def __init__(self, name):
+    __slots__ = ("name", "engines", "version", "live", "digest")
+
+    def __init__(self, name: str):
         self.name = name
         self.engines = {}  # ip -> Engine
-        # Changes on every change (a state-wide sequence, so a cluster that is
-        # removed and re-created never repeats one); lets the HTTP layer cache
-        # serialised bodies.
         self.version = 0
-        # (version, serialised engine list): kept by the HTTP layer, valid
-        # while versions match (like Engine.wire).
-        self.wire = (-1, None)
-        # Live request count and XOR of their fingerprints: equal on two nodes
-        # (almost surely) iff they hold the same live requests in the same state.
         self.live = 0
         self.digest = 0
 
@@ -299,8 +303,10 @@ class LoadState:
         else:
             self._newest_created = created
 
-    def delete_prompt(self, request_id, timestamp_ns=None):
-        """Prefill finished: drop the request's prompt bytes, once."""
+    def delete_prompt(self, request_id: str) -> bool:
+        """Prefill finished: drop the request's prompt bytes, once. Returns
+        True if the counters changed; before its add, leaves a prompt
+        tombstone (the add then counts no prompt bytes)."""
         packed = self._requests.get(request_id)
         if packed is None:
             if request_id not in self._tombstones:
@@ -317,8 +323,10 @@ class LoadState:
             cluster.digest ^= request_fingerprint(request_id, False) ^ request_fingerprint(request_id, True)
         return True
 
-    def delete(self, request_id, timestamp_ns=None):
-        """The request completed: forget it and leave a delete tombstone."""
+    def delete(self, request_id: str) -> bool:
+        """The request completed: forget it and leave a delete tombstone (a
+        later add of it changes nothing). Returns True if the counters
+        changed."""
         now = self._now()
         packed = self._requests.pop(request_id, None)
         self._tombstones.pop(request_id, None)  # re-insert: expiry follows insertion order

@@ -121,9 +121,9 @@ class Node:
         if event_type == EVENT_ADD:
             changed = state.add(event.cluster, event.request_id, event.ip, event.prompt_length, event.timestamp)
         elif event_type == EVENT_DELETE:
-            changed = state.delete(event.request_id, event.timestamp)
+            changed = state.delete(event.request_id)
         else:
-            changed = state.delete_prompt(event.request_id, event.timestamp)
+            changed = state.delete_prompt(event.request_id)
         self.metrics.observe_event(event_type, origin, changed)
         if origin == ORIGIN_CLIENT:
             for listener in self.event_listeners:

@@ -8,14 +8,15 @@ from hypothesis import strategies as st
 from twisted.internet import reactor, task
 from twisted.web import resource, server
 
+from metacenter.api.envelope import CODE_UNAUTHORIZED, error_for
 from metacenter.cluster.auth import (
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     PeerAuthenticator,
+    Unauthorized,
     sign,
     verify,
 )
-from metacenter.api.envelope import CODE_UNAUTHORIZED, ApiError
 
 SECRET = "s3cret-of-the-cluster"
 NOW = 1_700_000_000.0
@@ -24,14 +25,14 @@ BODY = b'{"cluster":"c","request_id":"r1","ip":"10.0.0.1","timestamp":1700000000
 
 
 def refusal(**overrides):
-    """The ApiError raised by verify for a request signed at NOW and changed
-    by ``overrides``."""
+    """The reason of the ``Unauthorized`` raised by verify for a request
+    signed at NOW and changed by ``overrides`` (answered 401, 40101001)."""
     request = dict(secret=SECRET, method="POST", path=PATH, body=BODY,
                    headers=sign(SECRET, "POST", PATH, BODY, NOW), now=NOW)
     request.update(overrides)
-    with pytest.raises(ApiError) as raised:
+    with pytest.raises(Unauthorized) as raised:
         verify(**request)
-    error = raised.value
+    error = error_for(raised.value)
     assert (error.status, error.code) == (401, CODE_UNAUTHORIZED)
     return error.reason
 
@@ -105,7 +106,7 @@ def test_any_changed_byte_of_the_body_is_refused(body, position, flip):
     changed = body[:i] + bytes([body[i] ^ flip]) + body[i + 1:]
     headers = sign(SECRET, "POST", PATH, body, NOW)
     verify(SECRET, "POST", PATH, body, headers, NOW)
-    with pytest.raises(ApiError):
+    with pytest.raises(Unauthorized):
         verify(SECRET, "POST", PATH, changed, headers, NOW)
 
 
@@ -122,8 +123,8 @@ class CheckingResource(resource.Resource):
         body = request.content.read()
         try:
             self.authenticator.check(request, body)
-        except ApiError as e:
-            request.setResponseCode(e.status)
+        except Unauthorized as e:
+            request.setResponseCode(401)
             return json.dumps({"reason": e.reason}).encode()
         return b"{}"
 
