@@ -142,9 +142,11 @@ def _check_peer(api, request):
         authenticator.check(request, body)
     except Unauthorized as e:
         client = request.getClientAddress()
-        api.refused_peers.emit("peer", None, "warn", "refused a peer request from {client} to {path}: {reason}",
+        # One key, no reason: a wrong secret, a replay or a forger alike get
+        # one line a minute, however they vary their attempts.
+        api.refused_peers.emit("peer", None, "warn", "refused a peer request from {client} to {path}: {refusal}",
                                client=getattr(client, "host", "?"), path=request.path.decode("utf-8", "replace"),
-                               reason=e.reason)
+                               refusal=e.reason)
         raise
 
 
