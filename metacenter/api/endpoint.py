@@ -276,15 +276,20 @@ def _serve_stream(api, request, fn, kwargs, url, checks):
     return done.addCallbacks(finished, failed)
 
 
-def register_routes(cls):
-    """Class decorator: every ``endpoint`` method of ``cls`` (its own and
-    its bases', in definition order) on ``cls.app``, a ``klein.Klein``."""
+def routes_of(cls):
+    """(name, handler) of every ``endpoint`` method of ``cls``, its own and
+    its bases', in definition order (``handler.route`` is its ``Route``)."""
     seen = set()
     for klass in cls.__mro__:
         for name, value in vars(klass).items():
-            route = getattr(value, "route", None)
-            if not isinstance(route, Route) or name in seen:
-                continue
-            seen.add(name)
-            cls.app.route(route.url, methods=list(route.methods), endpoint=name)(value)
+            if isinstance(getattr(value, "route", None), Route) and name not in seen:
+                seen.add(name)
+                yield name, value
+
+
+def register_routes(cls):
+    """Class decorator: every ``endpoint`` method of ``cls`` on ``cls.app``
+    (a ``klein.Klein``)."""
+    for name, handler in routes_of(cls):
+        cls.app.route(handler.route.url, methods=list(handler.route.methods), endpoint=name)(handler)
     return cls
