@@ -42,7 +42,7 @@ def load_add(obj):
     """POST /v1/load/stats and replicated ``load.stats.set`` -> ``LoadAdd``.
 
     ``{"cluster": str, "request_id": str, "ip": str, "prompt_length"?: int
-    bytes in [0, 2^31-1] (default 0), "timestamp"?: int ns}`` (WIRE.md 2)."""
+    bytes in [0, 2^31-1] (default 0), "timestamp"?: int ns}`` (docs/api.md)."""
     return LoadAdd((
         required_string(obj, "cluster"),
         required_string(obj, "request_id"),

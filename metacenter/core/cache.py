@@ -28,6 +28,9 @@ per engine however busy it is; blocks whose whole bucket ended more than
 import heapq
 import sys
 from collections import OrderedDict, deque
+from collections.abc import Iterator
+
+from metacenter.core.clock import Clock
 
 PROMPT_HASH_MAX_ITEMS = 100_000
 TOPK_MAX = 1000
@@ -91,10 +94,19 @@ class _ClusterBlocks:
 
 class CacheIndex:
     """Cluster -> block hash -> engines, with per-engine LRU capacity, an idle
-    TTL and a global cap on stored (engine, block) pairs."""
+    TTL and a global cap on stored (engine, block) pairs.
 
-    def __init__(self, clock, engine_blocks=DEFAULT_ENGINE_BLOCKS, ttl=DEFAULT_TTL,
-                 max_blocks=DEFAULT_MAX_BLOCKS):
+    ``clock``: a ``core.clock.Clock``. ``engine_blocks``: blocks one engine
+    keeps (least recently used go first); ``ttl``: seconds a block may stay
+    unused; ``max_blocks``: (engine, block) pairs over all engines (the least
+    recently saved engine gives first). ValueError unless all are positive.
+    Block hashes are the gateway's unsigned 64-bit ints (``core.hashing``).
+    ``evictions`` ({reason: blocks}), ``queries``, ``queries_with_location``
+    and ``matched_fraction_sum`` are counters for the metrics.
+    """
+
+    def __init__(self, clock: Clock, engine_blocks: int = DEFAULT_ENGINE_BLOCKS, ttl: float = DEFAULT_TTL,
+                 max_blocks: int = DEFAULT_MAX_BLOCKS):
         if engine_blocks < 1:
             raise ValueError("engine_blocks must be positive")
         if ttl <= 0:
@@ -122,31 +134,34 @@ class CacheIndex:
     # -- sizes and metrics ---------------------------------------------------
 
     @property
-    def block_count(self):
+    def block_count(self) -> int:
         """Stored (engine, block) pairs over all clusters."""
         return self._blocks
 
     @property
-    def engine_count(self):
+    def engine_count(self) -> int:
+        """Engines holding at least one block."""
         return len(self._engines)
 
-    def blocks_by_cluster(self):
+    def blocks_by_cluster(self) -> dict[str, int]:
         """{cluster: stored (engine, block) pairs}."""
         return {name: c.blocks for name, c in self._clusters.items()}
 
-    def distinct_blocks_by_cluster(self):
+    def distinct_blocks_by_cluster(self) -> dict[str, int]:
         """{cluster: distinct block hashes held by any engine}."""
         return {name: len(c.owners) for name, c in self._clusters.items()}
 
-    def engines_by_cluster(self):
+    def engines_by_cluster(self) -> dict[str, int]:
+        """{cluster: engines holding at least one block}."""
         return {name: len(c.engines) for name, c in self._clusters.items()}
 
-    def engine_block_count(self, cluster, ip):
+    def engine_block_count(self, cluster: str, ip: str) -> int:
+        """Blocks engine ``ip`` of ``cluster`` holds (0 if unknown)."""
         engine = self._find(cluster, ip)
         return 0 if engine is None else len(engine.tick_of)
 
-    def approx_bytes(self):
-        """Memory held by the index, estimated in O(engines + clusters): the
+    def approx_bytes(self) -> int:
+        """Memory held by the index in bytes, estimated in O(engines + clusters): the
         dict tables exactly, the int objects by their usual size."""
         total = 0
         for engine in self._engines.values():
@@ -206,7 +221,7 @@ class CacheIndex:
         self.evictions[reason] += count
         return count
 
-    def forget_engine(self, cluster, ip):
+    def forget_engine(self, cluster: str, ip: str) -> int:
         """The engine restarted or went away: its cache is gone. Returns the
         number of blocks dropped."""
         engine = self._find(cluster, ip)
@@ -214,7 +229,7 @@ class CacheIndex:
             return 0
         return self._drop_engine(engine, "engine")
 
-    def engine_removed(self, engine):
+    def engine_removed(self, engine: object) -> None:
         """For ``LoadState.engine_removed_callbacks``: anything with
         ``.cluster`` and ``.ip``."""
         self.forget_engine(engine.cluster, engine.ip)
@@ -272,7 +287,7 @@ class CacheIndex:
 
     # -- mutations -----------------------------------------------------------
 
-    def save(self, cluster, ip, hashes):
+    def save(self, cluster: str, ip: str, hashes: list[int]) -> int:
         """Engine ``ip`` of ``cluster`` now holds the prefixes ``hashes``
         (the prompt's block hashes, first block first). Idempotent: saving
         the same list again only refreshes it. Returns the blocks added."""
@@ -308,7 +323,7 @@ class CacheIndex:
 
     # -- queries -------------------------------------------------------------
 
-    def match_lengths(self, cluster, hashes):
+    def match_lengths(self, cluster: str, hashes: list[int]) -> dict[str, int]:
         """{ip: number of leading ``hashes`` the engine holds} for every engine
         holding at least the first. Does not count as a query in the metrics."""
         c = self._clusters.get(cluster)
@@ -340,9 +355,11 @@ class CacheIndex:
             active ^= low
         return lengths
 
-    def query(self, cluster, hashes, topk=TOPK_DEFAULT):
-        """The wire's ``locations``: [{"ip", "length"}], longest match first,
-        ties by ip (the same order on every node), at most ``topk``."""
+    def query(self, cluster: str, hashes: list[int], topk: int = TOPK_DEFAULT) -> list[dict]:
+        """The wire's ``locations`` (docs/cache.md):
+        [{"ip", "length": leading hashes held}], longest match first, ties by
+        ip (the same order on every node), at most ``topk``. Counted in the
+        query metrics."""
         lengths = self.match_lengths(cluster, hashes)
         ranked = sorted(lengths.items(), key=_best_first)[:topk]
         self.queries += 1
@@ -353,7 +370,7 @@ class CacheIndex:
 
     # -- expiry --------------------------------------------------------------
 
-    def expire(self, chunk=10000):
+    def expire(self, chunk: int = 10000) -> Iterator[int]:
         """Drop blocks idle for longer than ``ttl`` (they go between ``ttl``
         and ``ttl`` + one mark step later). A generator like
         ``LoadState.expire``: each step evicts about ``chunk`` blocks at most;
@@ -390,13 +407,14 @@ class CacheIndex:
         if done:
             yield done
 
-    def expire_all(self):
+    def expire_all(self) -> None:
+        """Run a whole TTL sweep at once (tests, small indexes)."""
         for _ in self.expire():
             pass
 
     # -- replication ---------------------------------------------------------
 
-    def iter_snapshot(self):
+    def iter_snapshot(self) -> Iterator[tuple]:
         """Yield (cluster, ip, [hashes, least recently used first]) for every
         engine, least recently saved engine first. Applying them in that
         order on an empty index rebuilds the same LRU orders."""
@@ -406,7 +424,7 @@ class CacheIndex:
             hash_at = engine.hash_at
             yield engine.cluster, engine.ip, [hash_at[t] for t in engine.ticks_in_order()]
 
-    def apply_snapshot(self, cluster, ip, hashes):
+    def apply_snapshot(self, cluster: str, ip: str, hashes: list[int]) -> int:
         """Merge a peer's view of one engine (hashes least recently used
         first). Blocks already held keep their place; the others go behind
         them, as less recently used, in the peer's order: what this node

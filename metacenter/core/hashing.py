@@ -72,8 +72,10 @@ def _finish(h1, h2, tail, length):
     return (h1 + h2) & m
 
 
-def murmur3_64(data, seed=0):
-    """MurmurHash3 x64-128 of ``data``, first 64 bits, unsigned."""
+def murmur3_64(data: bytes, seed: int = 0) -> int:
+    """MurmurHash3 x64-128 of ``data`` (bytes-like), first 64 bits as an
+    unsigned int (as mmh3's ``hash64(data, seed, signed=False)[0]``): the gateway's
+    block hash (docs/cache.md)."""
     data = bytes(data)
     full = len(data) & ~15
     words = struct.unpack_from(f"<{full // 8}Q", data)
@@ -82,9 +84,12 @@ def murmur3_64(data, seed=0):
     return _finish(h1, h2, data[full:], len(data))
 
 
-def prompt_hashes(prompt, block_size=BLOCK_SIZE):
+def prompt_hashes(prompt: bytes, block_size: int = BLOCK_SIZE) -> list[int]:
     """The running hash at the end of every ``block_size``-byte chunk of
-    ``prompt`` (bytes-like), the last partial chunk included; [] for b""."""
+    ``prompt`` (bytes-like), the last partial chunk included; [] for b"".
+    These are the ``prompt_hash`` values of ``/v1/cache/*``. TypeError for a
+    str (encode it first), ValueError for a block_size that is not a
+    positive integer."""
     if isinstance(prompt, str):
         raise TypeError("prompt must be bytes (encode the text first), got str")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:

@@ -30,8 +30,11 @@ its own; expiry walks every shard from its oldest end.
 import heapq
 import zlib
 from collections import OrderedDict
+from collections.abc import Iterator
 
-PROMPT_MAX = 2**31 - 1
+from metacenter.core.clock import Clock
+
+PROMPT_MAX = 2**31 - 1  # bytes; a prompt length is packed into 31 bits
 
 _FLAG_PROMPT_DELETED = 1
 _PROMPT_SHIFT = 1
@@ -59,10 +62,12 @@ class ShardedDict:
     def __init__(self):
         self.shards = tuple({} for _ in range(SHARDS))
 
-    def get(self, key, default=None):
+    def get(self, key: str, default: object = None) -> object:
+        """``dict.get`` on the key's shard."""
         return self.shards[hash(key) & _SHARD_MASK].get(key, default)
 
-    def pop(self, key, default=None):
+    def pop(self, key: str, default: object = None) -> object:
+        """``dict.pop`` on the key's shard."""
         return self.shards[hash(key) & _SHARD_MASK].pop(key, default)
 
     def __contains__(self, key):
@@ -81,7 +86,8 @@ class ShardedDict:
         for shard in self.shards:
             yield from shard
 
-    def items(self):
+    def items(self) -> Iterator[tuple]:
+        """(key, value) of every shard in turn, each in insertion order."""
         for shard in self.shards:
             yield from shard.items()
 
@@ -111,8 +117,10 @@ def _prompt_deleted(packed):
     return bool(packed & _FLAG_PROMPT_DELETED)
 
 
-def request_fingerprint(request_id, prompt_deleted):
-    """A stable 64-bit hash of a live request's replicated state, for digests."""
+def request_fingerprint(request_id: str, prompt_deleted: bool) -> int:
+    """A stable 64-bit hash of a live request's replicated state (its id and
+    whether its prompt was deleted), the same on every node and Python
+    process: ``Cluster.digest`` is the XOR of these over the live requests."""
     data = request_id.encode("utf-8", "surrogatepass")
     low = zlib.crc32(data)
     # The prompt flag changes the hash by an id-dependent amount: a constant
@@ -178,11 +186,15 @@ class Cluster:
 class LoadState:
     """Clusters -> engines -> counters, and the request registry behind them.
 
-    ``clock`` provides ``seconds()`` (an ``IReactorTime``, or ``task.Clock``).
+    ``clock``: a ``core.clock.Clock``. ``request_expire``: seconds after its
+    birth a request is dropped if no delete came (the gateway's 11 minutes);
+    ``tombstone_ttl``: seconds a delete (or an early prompt delete) is
+    remembered; ValueError unless both are positive. ``clusters`` is
+    {name: Cluster}, for readers; only the methods here change it.
     Every mutation is O(1); a query is O(engines of the cluster).
     """
 
-    def __init__(self, clock, request_expire=660.0, tombstone_ttl=60.0):
+    def __init__(self, clock: Clock, request_expire: float = 660.0, tombstone_ttl: float = 60.0):
         if request_expire <= 0:
             raise ValueError("request_expire must be positive")
         if tombstone_ttl <= 0:
@@ -205,15 +217,18 @@ class LoadState:
     # -- sizes ---------------------------------------------------------------
 
     @property
-    def request_count(self):
+    def request_count(self) -> int:
+        """Live requests (added, neither deleted nor expired)."""
         return len(self._requests)
 
     @property
-    def tombstone_count(self):
+    def tombstone_count(self) -> int:
+        """Remembered deletes and early prompt deletes."""
         return len(self._tombstones)
 
     @property
-    def engine_count(self):
+    def engine_count(self) -> int:
+        """Engines over all clusters."""
         return len(self._engines)
 
     # -- clock helpers -------------------------------------------------------
@@ -265,9 +280,14 @@ class LoadState:
 
     # -- mutations -----------------------------------------------------------
 
-    def add(self, cluster, request_id, ip, prompt_length=0, timestamp_ns=None):
-        """A request was routed to engine (cluster, ip). Returns True if the
-        counters changed (False for a duplicate or an already finished one)."""
+    def add(self, cluster: str, request_id: str, ip: str, prompt_length: int = 0,
+            timestamp_ns: int | None = None) -> bool:
+        """A request was routed to engine (cluster, ip) with ``prompt_length``
+        bytes of prompt; ``timestamp_ns``, the sender's time (ns since the
+        epoch), dates its birth when plausible, so replicas expire it alike.
+        Returns True if the counters changed (False for a duplicate or an
+        already finished one). ValueError for a prompt_length outside
+        [0, PROMPT_MAX] (callers validate first)."""
         now = self._now()
         return self._add(cluster, request_id, ip, prompt_length, now, self._created_from(now, timestamp_ns))
 
@@ -357,14 +377,15 @@ class LoadState:
 
     # -- queries -------------------------------------------------------------
 
-    def cluster_load(self, cluster):
-        """The engines of a cluster as the wire's list of dicts ([] if unknown)."""
+    def cluster_load(self, cluster: str) -> list[dict]:
+        """The engines of a cluster as the wire's list of ``Engine.as_dict``
+        ([] if unknown)."""
         c = self.clusters.get(cluster)
         if c is None:
             return []
         return [e.as_dict() for e in c.engines.values()]
 
-    def request_state(self, request_id):
+    def request_state(self, request_id: str) -> str | None:
         """For tests and repair: 'live', 'live-prompt-deleted', 'prompt-tombstone',
         'deleted' or None."""
         packed = self._requests.get(request_id)
@@ -375,8 +396,9 @@ class LoadState:
             return None
         return "deleted" if tomb & 3 == TOMB_DELETED else "prompt-tombstone"
 
-    def request_record(self, request_id):
-        """(cluster, ip, prompt_length, prompt_deleted, created_s) of a live request."""
+    def request_record(self, request_id: str) -> tuple | None:
+        """(cluster, ip, prompt_length, prompt_deleted, created_s) of a live
+        request, None for any other."""
         packed = self._requests.get(request_id)
         if packed is None:
             return None
@@ -385,7 +407,7 @@ class LoadState:
             return None
         return (engine.cluster, engine.ip, _prompt(packed), _prompt_deleted(packed), _created(packed))
 
-    def iter_requests(self):
+    def iter_requests(self) -> Iterator[tuple]:
         """Yield (request_id, cluster, ip, prompt_length, prompt_deleted, created_s)
         for every live request. The ids are copied first, so the state may
         change between items (callers chunk it over reactor turns); one deleted
@@ -401,7 +423,7 @@ class LoadState:
                 yield (request_id, engine.cluster, engine.ip, _prompt(packed),
                        _prompt_deleted(packed), _created(packed))
 
-    def iter_tombstones(self):
+    def iter_tombstones(self) -> Iterator[tuple]:
         """Yield (request_id, kind, created_s) for every tombstone; like
         iter_requests, safe across changes. (Copying the keys, not the items:
         a million item tuples would each be tracked by the GC.)"""
@@ -411,28 +433,35 @@ class LoadState:
             if tomb is not None:
                 yield request_id, tomb & 3, tomb >> 2
 
-    def apply_record(self, request_id, cluster, ip, prompt_length, prompt_deleted, created_s):
+    def apply_record(self, request_id: str, cluster: str, ip: str, prompt_length: int, prompt_deleted: bool,
+                     created_s: int | None) -> bool:
         """Merge one live request from a peer's snapshot: the same as the events
-        it stands for (add, and prompt delete when set), keeping its birth time."""
+        it stands for (add, and prompt delete when set), keeping its birth time
+        (``created_s``, seconds since the epoch, clamped to the expiry window).
+        Returns True if the counters changed."""
         now = self._now()
         changed = self._add(cluster, request_id, ip, prompt_length, now, self._created_from_record(now, created_s))
         if prompt_deleted:
             changed = self.delete_prompt(request_id) or changed
         return changed
 
-    def apply_tombstone(self, request_id, kind):
-        """Merge one tombstone from a peer: the event it stands for."""
+    def apply_tombstone(self, request_id: str, kind: int) -> bool:
+        """Merge one tombstone from a peer (``kind`` TOMB_DELETED or
+        TOMB_PROMPT): the event it stands for. Returns True if the counters
+        changed."""
         if kind == TOMB_DELETED:
             return self.delete(request_id)
         return self.delete_prompt(request_id)
 
     # -- expiry --------------------------------------------------------------
 
-    def expire(self, chunk=EXPIRE_CHUNK):
+    def expire(self, chunk: int = EXPIRE_CHUNK) -> Iterator[int]:
         """Remove what outlived its time. A generator: each step looks at no
         more than ``chunk`` entries and yields how many it removed, so a shell
         can spread a big sweep over several reactor turns (``task.cooperate``).
-        Exhaust it for a full sweep. Mutations between steps are safe."""
+        Exhaust it for a full sweep. Mutations between steps are safe.
+        Engines idle for ``request_expire`` go too (``engine_removed_callbacks``
+        are told). ValueError for a chunk below 1."""
         if chunk < 1:
             raise ValueError("chunk must be at least 1")
         now = self._now()
@@ -521,7 +550,7 @@ class LoadState:
         for callback in self.engine_removed_callbacks:
             callback(engine)
 
-    def expire_all(self):
+    def expire_all(self) -> None:
         """Run a whole sweep at once (tests, small states)."""
         for _ in self.expire():
             pass

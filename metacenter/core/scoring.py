@@ -1,4 +1,4 @@
-"""The gateway's engine score (WIRE.md section 5), as a pure function.
+"""The gateway's engine score (docs/cache.md), as a pure function.
 
     score = 2*cache_ratio - w_req*request_load - 3*prefill_load
 
@@ -14,7 +14,8 @@ picks at random among the best 5 %; this module only ranks.
 import math
 
 
-def score_engines(engines_load, cache_lengths, hash_count, ips=None):
+def score_engines(engines_load: list[dict], cache_lengths: dict[str, int], hash_count: int,
+                  ips: list[str] | None = None) -> list[dict]:
     """Rank a cluster's engines for one prompt, best first.
 
     ``engines_load``: dicts with ``ip``, ``queued_req_num`` and

@@ -1,6 +1,6 @@
 """The pure load table: every transition, expiry on a fake clock, replica
 convergence and snapshot merging. Property tests compare it with a model that
-only knows the WIRE.md rule: a request's effect depends on the *set* of events
+only knows the wire's rule: a request's effect depends on the *set* of events
 seen for it."""
 
 import itertools
@@ -56,7 +56,7 @@ def apply(state, event, request):
 
 REQ = ("r1", "llama", "10.0.0.1", 300)
 
-# What the set of events seen for one request leaves behind (WIRE.md section 2).
+# What the set of events seen for one request leaves behind (docs/architecture.md, the load table).
 BY_EVENT_SET = {
     frozenset({"add"}): ("live", (1, 300)),
     frozenset({"prompt"}): ("prompt-tombstone", None),

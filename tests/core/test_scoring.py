@@ -1,4 +1,4 @@
-"""The gateway's score (WIRE.md section 5), on hand-worked examples and
+"""The gateway's score (docs/cache.md), on hand-worked examples and
 properties that follow from the formula."""
 
 import pytest
