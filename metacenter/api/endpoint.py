@@ -192,41 +192,29 @@ def endpoint(url, methods, *, peer=False, ready=False, stream=False):
     breaks the connection (the client sees no "end" line).
     """
     checks = tuple(check for check, wanted in ((_check_peer, peer), (_check_ready, ready)) if wanted)
-    method = methods[0]
+    # A stream's label is the request's method, as for a 404 (HEAD on a GET route).
+    method = None if stream else methods[0]
 
     def decorate(fn):
-        if stream:
-            def handler(self, request, **kwargs):
-                return _serve_stream(self, request, fn, kwargs, url, checks)
-        elif checks:
-            def handler(self, request, **kwargs):
-                started = perf_counter()
-                trace_id = trace_id_of(request)
-                try:
-                    if getattr(request, "body_too_large", False):
-                        raise envelope.too_large(request.max_body)
-                    for check in checks:
-                        check(self, request)
-                    result = fn(self, request, trace_id, **kwargs)
-                except Exception as e:
-                    result = _as_error(e, request, url)
-                if isinstance(result, Deferred):
-                    return _when_done(self, request, trace_id, url, method, started, result)
-                return _write(self, request, trace_id, url, method, started, result)
-        else:
-            # The gateway's routes: nothing but what every route needs.
-            def handler(self, request, **kwargs):
-                started = perf_counter()
-                trace_id = trace_id_of(request)
-                try:
-                    if getattr(request, "body_too_large", False):
-                        raise envelope.too_large(request.max_body)
-                    result = fn(self, request, trace_id, **kwargs)
-                except Exception as e:
-                    result = _as_error(e, request, url)
-                if isinstance(result, Deferred):
-                    return _when_done(self, request, trace_id, url, method, started, result)
-                return _write(self, request, trace_id, url, method, started, result)
+        def handler(self, request, **kwargs):
+            started = perf_counter()
+            trace_id = trace_id_of(request)
+            try:
+                if getattr(request, "body_too_large", False):
+                    raise envelope.too_large(request.max_body)
+                for check in checks:  # none on the gateway's routes
+                    check(self, request)
+                result = fn(self, request, trace_id, **kwargs)
+                if stream:
+                    return _start_stream(self, request, trace_id, url, started, result)
+            except Exception as e:
+                result = _as_error(e, request, url)
+            label = method or method_label(request)
+            if isinstance(result, Deferred):
+                result.addErrback(_as_error, request, url)
+                result.addCallback(lambda r: _write(self, request, trace_id, url, label, started, r))
+                return result
+            return _write(self, request, trace_id, url, label, started, result)
 
         functools.update_wrapper(handler, fn)
         handler.route = Route(url, methods, peer, ready, stream)
@@ -235,25 +223,13 @@ def endpoint(url, methods, *, peer=False, ready=False, stream=False):
     return decorate
 
 
-def _when_done(api, request, trace_id, url, method, started, result):
-    result.addErrback(_as_error, request, url)
-    result.addCallback(lambda r: _write(api, request, trace_id, url, method, started, r))
-    return result
-
-
-def _serve_stream(api, request, fn, kwargs, url, checks):
-    started = perf_counter()
-    trace_id = trace_id_of(request)
+def _start_stream(api, request, trace_id, url, started, chunks):
+    """Write ``chunks`` (an iterable of bytes) as NDJSON. The first chunk is
+    taken before any byte is written: an error up to there propagates to
+    ``endpoint``, which answers it in the envelope."""
+    chunks = iter(chunks)
+    first = next(chunks, b"")
     method = method_label(request)
-    try:
-        if getattr(request, "body_too_large", False):
-            raise envelope.too_large(request.max_body)
-        for check in checks:
-            check(api, request)
-        chunks = iter(fn(api, request, trace_id, **kwargs))
-        first = next(chunks, b"")
-    except Exception as e:
-        return _write(api, request, trace_id, url, method, started, _as_error(e, request, url))
     request.setHeader(b"Content-Type", _NDJSON)
     request.setHeader(b"X-Trace-ID", trace_id.encode("utf-8"))
     done = ChunkProducer(request, chain((first,), chunks), api.node.cooperate).start()

@@ -33,6 +33,10 @@ def static_routes(klein_app):
 
 
 class RoutingResource(Resource):
+    """The root resource of ``api`` (a ``MetacenterAPI``): exact (path,
+    method) matches of its app's table straight to the endpoint, everything
+    else through Klein."""
+
     isLeaf = True
 
     def __init__(self, api):

@@ -30,6 +30,10 @@ class BoundedRequest(server.Request):
 
 
 class MetacenterSite(server.Site):
+    """The node's ``Site``: requests are ``BoundedRequest``s limited to
+    ``max_body`` bytes; the access log only with ``access_log``; no
+    tracebacks in answers."""
+
     def __init__(self, resource, max_body, access_log=False, **kwargs):
         # Bodies are JSON whatever their Content-Type says; Twisted's default
         # parse of every POST's Content-Type for HTML forms (with the email
