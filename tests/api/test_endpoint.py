@@ -161,8 +161,7 @@ def test_refused_peer_requests_are_logged_at_most_once_a_minute(node):
 
 def not_ready(harness, reason):
     # The node's readiness as the warm start sets it.
-    harness.node.ready = False
-    harness.node.not_ready_reason = reason
+    harness.node.readiness.hold(reason)
 
 
 @pytest.mark.parametrize("method,path", sorted(READY_ROUTES))
@@ -272,8 +271,7 @@ def test_a_stream_request_refused_before_the_first_line_is_answered_in_the_envel
         reason = assert_envelope_error(response, content, 400, 40001400, "t-bad")
         assert "field 'buckets'" in reason
         assert http_count(served.harness, "/v1/replica/records", "POST", 400) == 1
-        served.harness.node.ready = False  # see not_ready
-        served.harness.node.not_ready_reason = "warm start"
+        not_ready(served.harness, "warm start")
         response, content = yield served.call("GET", "/v1/replica/snapshot", b"", {"TraceId": "t-503"})
         assert assert_envelope_error(response, content, 503, 50301503, "t-503") == "warm start"
     finally:
