@@ -6,7 +6,6 @@ Nothing here holds state or decides semantics; validation is in
 
 import os
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from metacenter.api import envelope
@@ -16,6 +15,7 @@ from metacenter.api.endpoint import PlainResponse, Raw, app, endpoint, log, read
 from metacenter.api.cache import CacheRoutes
 from metacenter.api.replica import ReplicaRoutes
 from metacenter.api.routing import RoutingResource
+from metacenter.api.views import Views, cluster_engines
 from metacenter.core.events import EVENT_ADD, EVENT_DELETE, EVENT_PROMPT_DELETE, ORIGIN_CLIENT
 
 OPENAPI_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "openapi.json")
@@ -48,27 +48,13 @@ class LoadRoutes:
         cluster = self.node.state.clusters.get(name)
         if cluster is None:
             return Raw(b"[]")
-        return self._load_body(cluster)
-
-    def _load_body(self, cluster):
-        """The cluster's serialised engine list, rebuilt only after a change,
-        and then only the fragments of the engines that changed (the gateway
-        mix changes one engine between two reads of a cluster)."""
-        if cluster.wire[0] == cluster.version:
-            return cluster.wire[1]
-        parts = []
-        for engine in cluster.engines.values():
-            wire = engine.wire
-            if wire[0] != engine.version:
-                wire = engine.wire = (engine.version, envelope.dumps(engine.as_dict()))
-            parts.append(wire[1])
-        body = Raw(b"[" + b",".join(parts) + b"]")
-        cluster.wire = (cluster.version, body)
-        return body
+        # Cached until the cluster changes; then only the changed engines are
+        # serialised again (the gateway mix changes one between two reads).
+        return cluster_engines(cluster)
 
     @endpoint("/v1/load/overview", ["GET"])
     def load_overview(self, request, trace_id):
-        return self.node.overview()
+        return self.views.overview.get()
 
 
 class OperationsRoutes:
@@ -87,7 +73,7 @@ class OperationsRoutes:
 
     @endpoint("/metrics", ["GET"])
     def metrics(self, request, trace_id):
-        return PlainResponse(generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST.encode("ascii"))
+        return self.views.metrics.get()
 
     @endpoint("/livez", ["GET"])
     def livez(self, request, trace_id):
@@ -101,7 +87,7 @@ class OperationsRoutes:
 
     @endpoint("/v1/node/status", ["GET"])
     def node_status(self, request, trace_id):
-        return self.node.status()
+        return self.views.status.get()
 
     @endpoint("/openapi.json", ["GET"])
     def openapi(self, request, trace_id):
@@ -121,6 +107,8 @@ class MetacenterAPI(LoadRoutes, OperationsRoutes, ReplicaRoutes, CacheRoutes):
         self.node = node
         self.metrics = metrics
         self._openapi = None
+        # Bodies over the whole state, built in slices of bounded reactor time.
+        self.views = Views(node, metrics)
 
     def resource(self):
         return RoutingResource(self)

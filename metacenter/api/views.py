@@ -1,0 +1,299 @@
+"""Bodies that cover the whole state (``/metrics``, ``/v1/load/overview``,
+``/v1/node/status``), produced in slices of bounded reactor time.
+
+Prometheus scrapes every 15-30 s and the console polls the overview and the
+status every second; at 20,000 clusters a walk over everything in one go
+blocked the reactor for most of a second, while gateways wait 100 ms at most.
+Here each body is built by a generator that does at most ``TURN_BUDGET`` of
+work per step: the first step runs inside the request (a small state is
+answered at once, in the same turn), the others one per reactor turn through
+the node's cooperator, so gateway requests are served between them.
+
+What does not change between two polls is not redone: a cluster's engine list
+is the ``Cluster.wire`` cache that ``GET /v1/load/stats`` keeps (rebuilt from
+per-engine fragments, only the changed ones serialised again), and a
+cluster's metric lines are cached by ``Cluster.version``. A request that
+arrives while the same body is being built shares that build.
+
+The state may change between two steps: each cluster is read whole within one
+step (or, for a cluster with many engines, from a copy of its engine list),
+so every cluster in a body is consistent, and a cluster removed meanwhile is
+left out.
+"""
+
+from time import perf_counter
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.utils import floatToGoString
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from metacenter.api import envelope
+from metacenter.api.endpoint import PlainResponse, Raw
+
+# Work per step (one reactor turn): far below the 5 ms a pause may last.
+TURN_BUDGET = 0.001
+# Items between two looks at the clock (perf_counter costs ~50 ns; items ~1 µs).
+_CHECK_EVERY = 32
+
+_METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST.encode("ascii")
+
+
+def cluster_engines(cluster):
+    """The cluster's engine list as serialised JSON (``Raw``), from the
+    cluster's cache while its version matches; otherwise rebuilt, serialising
+    again only the engines whose version changed. O(engines of the cluster)."""
+    if cluster.wire[0] == cluster.version:
+        return cluster.wire[1]
+    parts = []
+    for engine in cluster.engines.values():
+        parts.append(_engine_fragment(engine))
+    body = Raw(b"[" + b",".join(parts) + b"]")
+    cluster.wire = (cluster.version, body)
+    return body
+
+
+def _engine_fragment(engine):
+    wire = engine.wire
+    if wire[0] != engine.version:
+        wire = engine.wire = (engine.version, envelope.dumps(engine.as_dict()))
+    return wire[1]
+
+
+class _Clock:
+    """Tells a step when its budget is spent, looking at the clock every
+    ``_CHECK_EVERY`` items."""
+
+    __slots__ = ("deadline", "count", "budget")
+
+    def __init__(self, budget):
+        self.budget = budget
+        self.count = 0
+        self.deadline = perf_counter() + budget
+
+    def spent(self):
+        self.count += 1
+        if self.count % _CHECK_EVERY:
+            return False
+        return perf_counter() >= self.deadline
+
+    def restart(self):
+        self.deadline = perf_counter() + self.budget
+
+
+class Render:
+    """One kind of body, built by ``steps()`` (a generator that yields when
+    ``self.clock.spent()``, and returns the finished result), shared by every
+    request that arrives while it is being built."""
+
+    def __init__(self, cooperate, budget=TURN_BUDGET):
+        self._cooperate = cooperate
+        self._budget = budget
+        self._waiting = None  # Deferreds of the requests sharing the build in progress
+        self._result = None
+        self.clock = None
+        self.builds = 0  # for tests: how many builds ran
+        self.steps_taken = 0  # for tests and the bench: steps over all builds
+
+    def get(self):
+        """The result at once (a small state: one step was enough), or a
+        Deferred that fires with it."""
+        if self._waiting is not None:
+            d = Deferred()
+            self._waiting.append(d)
+            return d
+        self.builds += 1
+        self.clock = _Clock(self._budget)
+        gen = self.steps()
+        try:
+            next(gen)
+        except StopIteration as done:
+            self.steps_taken += 1
+            return done.value
+        self.steps_taken += 1
+        self._waiting = []
+        self._result = None
+        d = Deferred()
+        self._waiting.append(d)
+        self._cooperate(self._drive(gen)).whenDone().addBoth(self._finished)
+        return d
+
+    def _drive(self, gen):
+        while True:
+            self.clock.restart()
+            try:
+                next(gen)
+            except StopIteration as done:
+                self.steps_taken += 1
+                self._result = done.value
+                return
+            self.steps_taken += 1
+            yield None
+
+    def _finished(self, outcome):
+        waiting, self._waiting = self._waiting, None
+        result, self._result = self._result, None
+        for d in waiting:
+            if isinstance(outcome, Failure):
+                d.errback(outcome)
+            else:
+                d.callback(result)
+        return None
+
+    def steps(self):
+        raise NotImplementedError
+
+
+class OverviewRender(Render):
+    """``GET /v1/load/overview``: ``{"time": ns, "clusters": [{"cluster":
+    name, "engines": [engine, ...]}, ...]}``, engines as in
+    ``GET /v1/load/stats``."""
+
+    def __init__(self, node, cooperate, budget=TURN_BUDGET):
+        super().__init__(cooperate, budget)
+        self._node = node
+
+    def steps(self):
+        clock = self.clock
+        state = self._node.state
+        now_ns = int(self._node.clock.seconds() * 1e9)
+        parts = []
+        for name in list(state.clusters):
+            cluster = state.clusters.get(name)
+            if cluster is None:
+                continue
+            if cluster.wire[0] == cluster.version or len(cluster.engines) < 64:
+                engines = cluster_engines(cluster)
+            else:
+                engines = yield from self._engines_in_steps(cluster)
+            parts.append(b'{"cluster":' + envelope.dumps(name) + b',"engines":' + engines + b"}")
+            if clock.spent():
+                yield
+        return Raw(b'{"time":%d,"clusters":[' % now_ns + b",".join(parts) + b"]}")
+
+    def _engines_in_steps(self, cluster):
+        """A big cluster whose cached list is stale: its engines' fragments
+        over several steps, from a copy of its engine list."""
+        version = cluster.version
+        parts = []
+        for engine in list(cluster.engines.values()):
+            parts.append(_engine_fragment(engine))
+            if self.clock.spent():
+                yield
+        body = Raw(b"[" + b",".join(parts) + b"]")
+        if cluster.version == version:
+            cluster.wire = (version, body)
+        return body
+
+
+class StatusRender(Render):
+    """``GET /v1/node/status``: the node's counters and peers, and each
+    cluster's digest ``{"live": int, "digest": 16 hex digits}``."""
+
+    def __init__(self, node, cooperate, budget=TURN_BUDGET):
+        super().__init__(cooperate, budget)
+        self._node = node
+
+    def steps(self):
+        clock = self.clock
+        node, state = self._node, self._node.state
+        head = {
+            "version": node.version,
+            "node": node.advertise,
+            "started_at": node.started_at_ns,
+            "ready": node.ready,
+            "requests": state.request_count,
+            "tombstones": state.tombstone_count,
+            "engines": state.engine_count,
+            "clusters": len(state.clusters),
+            "peers": node.peer_status(),
+        }
+        parts = []
+        for name in list(state.clusters):
+            cluster = state.clusters.get(name)
+            if cluster is None:
+                continue
+            parts.append(envelope.dumps(name) + b':{"live":%d,"digest":"%016x"}' % (cluster.live, cluster.digest))
+            if clock.spent():
+                yield
+        return Raw(envelope.dumps(head)[:-1] + b',"digest":{' + b",".join(parts) + b"}}")
+
+
+def _label_value(value):
+    """As prometheus-client escapes a label value."""
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+_ENGINE_COUNT_HEAD = b"# HELP model_engine_count Engines per cluster (model).\n# TYPE model_engine_count gauge\n"
+_QUEUED_HEAD = b"# HELP queued_num Requests in flight on an engine.\n# TYPE queued_num gauge\n"
+_PROMPT_HEAD = b"# HELP prompt_length Prompt bytes still in prefill on an engine.\n# TYPE prompt_length gauge\n"
+
+
+class MetricsRender(Render):
+    """``GET /metrics``: the Prometheus text format of the node's registry
+    (bounded series: process, HTTP, events, replication, ...), then the
+    per-cluster and per-engine load series (``model_engine_count``,
+    ``queued_num``, ``prompt_length``) in slices, each cluster's lines cached
+    by its version."""
+
+    def __init__(self, node, registry, cooperate, budget=TURN_BUDGET):
+        super().__init__(cooperate, budget)
+        self._state = node.state
+        self._registry = registry
+        # name -> (version, engine count line, queued lines, prompt lines)
+        self._lines = {}
+
+    def steps(self):
+        clock = self.clock
+        # Bounded (no series per cluster or engine): ~1 ms, in the first step.
+        head = generate_latest(self._registry)
+        state = self._state
+        cache, fresh = self._lines, {}
+        counts, queued, prompt = [], [], []
+        for name in list(state.clusters):
+            cluster = state.clusters.get(name)
+            if cluster is None:
+                continue
+            lines = cache.get(name)
+            if lines is None or lines[0] != cluster.version:
+                lines = yield from self._cluster_lines(cluster)
+            fresh[name] = lines
+            counts.append(lines[1])
+            queued.append(lines[2])
+            prompt.append(lines[3])
+            if clock.spent():
+                yield
+        # Only clusters that still exist stay cached.
+        self._lines = fresh
+        return PlainResponse(b"".join((head, _ENGINE_COUNT_HEAD, *counts, _QUEUED_HEAD, *queued, _PROMPT_HEAD,
+                                       *prompt)), _METRICS_CONTENT_TYPE)
+
+
+    def _cluster_lines(self, cluster):
+        """(version, engine count line, queued lines, prompt lines) of one
+        cluster; a big cluster's over several steps, from a copy of its
+        engine list (cached only if it did not change meanwhile)."""
+        version = cluster.version
+        name = _label_value(cluster.name)
+        queued, prompt = [], []
+        engines = list(cluster.engines.values())
+        for engine in engines:
+            labels = f'{{engine_ip="{_label_value(engine.ip)}",model_name="{name}"}} '
+            queued.append(f"queued_num{labels}{floatToGoString(engine.queued)}\n")
+            prompt.append(f"prompt_length{labels}{floatToGoString(engine.prompt)}\n")
+            if self.clock.spent():
+                yield
+        return (version if cluster.version == version else -1,
+                f'model_engine_count{{model_name="{name}"}} {floatToGoString(len(engines))}\n'.encode("utf-8"),
+                "".join(queued).encode("utf-8"), "".join(prompt).encode("utf-8"))
+
+
+class Views:
+    """The three renders of one node (``api.server.MetacenterAPI`` holds one)."""
+
+    def __init__(self, node, metrics, budget=TURN_BUDGET):
+        cooperate = lambda job: node.cooperate(job)  # noqa: E731 - the node's cooperator may be set later
+        self.overview = OverviewRender(node, cooperate, budget)
+        self.status = StatusRender(node, cooperate, budget)
+        self.metrics = MetricsRender(node, metrics.registry, cooperate, budget)
+
