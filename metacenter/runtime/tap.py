@@ -15,6 +15,7 @@ from metacenter.api.server import MetacenterAPI
 from metacenter.cluster.auth import PeerAuthenticator
 from metacenter.cluster.discovery import PeerDiscovery
 from metacenter.runtime.node import build_node
+from metacenter.runtime.reactorlag import LagProbe
 from metacenter.cluster.replication import PeerClient, Replicator, make_http_client
 from metacenter.api.site import MetacenterSite
 from metacenter.runtime.sweeper import Sweeper
@@ -109,8 +110,12 @@ def makeService(options, reactor=None):
     api = MetacenterAPI(node, metrics)
 
     top = MultiService()
-    site = MetacenterSite(api.resource(), max_body=cfg.max_body, access_log=cfg.access_log, reactor=reactor)
+    site = MetacenterSite(api.resource(), max_body=cfg.max_body, access_log=cfg.access_log, reactor=reactor,
+                          metrics=metrics, request_deadline=cfg.request_deadline, idle_timeout=cfg.idle_timeout,
+                          max_connections=cfg.max_connections)
     strports.service(cfg.listen, site, reactor=reactor).setServiceParent(top)
+    LagProbe(reactor, lambda lag: metrics.reactor_lag.observe((), lag),
+             interval=cfg.reactor_lag_interval).setServiceParent(top)
 
     sweeper = Sweeper(state, metrics, reactor, cache=node.cache)
     TimerService(cfg.gc_interval, sweeper.sweep).setServiceParent(top)
