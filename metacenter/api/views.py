@@ -81,6 +81,42 @@ class _Clock:
         self.deadline = perf_counter() + self.budget
 
 
+class _Pieces:
+    """Parts of a body joined step by step: each ``seal()`` (before a step
+    yields) joins the parts added since the last one, so the last step joins
+    a few hundred pieces, not one per cluster or engine."""
+
+    __slots__ = ("sep", "parts", "sealed")
+
+    def __init__(self, sep=b""):
+        self.sep = sep
+        self.parts = []
+        self.sealed = []
+
+    def seal(self):
+        if self.parts:
+            self.sealed.append(self.sep.join(self.parts))
+            self.parts = []
+
+    def value(self, before=b"", after=b""):
+        """``before`` + the parts joined by ``sep`` + ``after``, in one copy."""
+        self.seal()
+        sealed = self.sealed
+        if not self.sep or len(sealed) < 2:
+            return b"".join((before, *sealed, after))
+        items = [before]
+        for piece in sealed:
+            items.append(piece)
+            items.append(self.sep)
+        items[-1] = after
+        return b"".join(items)
+
+    def pieces(self):
+        """The sealed groups, for a join by the caller (no separator)."""
+        self.seal()
+        return self.sealed
+
+
 class Render:
     """One kind of body, built by ``steps()`` (a generator that yields when
     ``self.clock.spent()``, and returns the finished result), shared by every
@@ -157,7 +193,7 @@ class OverviewRender(Render):
         clock = self.clock
         state = self._node.state
         now_ns = int(self._node.clock.seconds() * 1e9)
-        parts = []
+        pieces = _Pieces(b",")
         for name in list(state.clusters):
             cluster = state.clusters.get(name)
             if cluster is None:
@@ -165,22 +201,26 @@ class OverviewRender(Render):
             if cluster.wire[0] == cluster.version or len(cluster.engines) < 64:
                 engines = cluster_engines(cluster)
             else:
+                pieces.seal()
                 engines = yield from self._engines_in_steps(cluster)
-            parts.append(b'{"cluster":' + envelope.dumps(name) + b',"engines":' + engines + b"}")
+            pieces.parts.append(b'{"cluster":' + envelope.dumps(name) + b',"engines":' + engines + b"}")
             if clock.spent():
+                pieces.seal()
                 yield
-        return Raw(b'{"time":%d,"clusters":[' % now_ns + b",".join(parts) + b"]}")
+        yield  # the join below (a copy of the whole body) gets a step of its own
+        return Raw(pieces.value(b'{"time":%d,"clusters":[' % now_ns, b"]}"))
 
     def _engines_in_steps(self, cluster):
         """A big cluster whose cached list is stale: its engines' fragments
         over several steps, from a copy of its engine list."""
         version = cluster.version
-        parts = []
+        pieces = _Pieces(b",")
         for engine in list(cluster.engines.values()):
-            parts.append(_engine_fragment(engine))
+            pieces.parts.append(_engine_fragment(engine))
             if self.clock.spent():
+                pieces.seal()
                 yield
-        body = Raw(b"[" + b",".join(parts) + b"]")
+        body = Raw(pieces.value(b"[", b"]"))
         if cluster.version == version:
             cluster.wire = (version, body)
         return body
@@ -208,15 +248,17 @@ class StatusRender(Render):
             "clusters": len(state.clusters),
             "peers": node.peer_status(),
         }
-        parts = []
+        pieces = _Pieces(b",")
         for name in list(state.clusters):
             cluster = state.clusters.get(name)
             if cluster is None:
                 continue
-            parts.append(envelope.dumps(name) + b':{"live":%d,"digest":"%016x"}' % (cluster.live, cluster.digest))
+            pieces.parts.append(envelope.dumps(name) + b':{"live":%d,"digest":"%016x"}' % (cluster.live, cluster.digest))
             if clock.spent():
+                pieces.seal()
                 yield
-        return Raw(envelope.dumps(head)[:-1] + b',"digest":{' + b",".join(parts) + b"}}")
+        yield  # the join below gets a step of its own
+        return Raw(pieces.value(envelope.dumps(head)[:-1] + b',"digest":{', b"}}"))
 
 
 def _label_value(value):
@@ -249,24 +291,30 @@ class MetricsRender(Render):
         head = generate_latest(self._registry)
         state = self._state
         cache, fresh = self._lines, {}
-        counts, queued, prompt = [], [], []
+        counts, queued, prompt = _Pieces(), _Pieces(), _Pieces()
         for name in list(state.clusters):
             cluster = state.clusters.get(name)
             if cluster is None:
                 continue
             lines = cache.get(name)
             if lines is None or lines[0] != cluster.version:
+                if len(cluster.engines) >= 64:
+                    for p in (counts, queued, prompt):
+                        p.seal()
                 lines = yield from self._cluster_lines(cluster)
             fresh[name] = lines
-            counts.append(lines[1])
-            queued.append(lines[2])
-            prompt.append(lines[3])
+            counts.parts.append(lines[1])
+            queued.parts.append(lines[2])
+            prompt.parts.append(lines[3])
             if clock.spent():
+                for p in (counts, queued, prompt):
+                    p.seal()
                 yield
         # Only clusters that still exist stay cached.
         self._lines = fresh
-        return PlainResponse(b"".join((head, _ENGINE_COUNT_HEAD, *counts, _QUEUED_HEAD, *queued, _PROMPT_HEAD,
-                                       *prompt)), _METRICS_CONTENT_TYPE)
+        yield  # the join below (one copy of the whole body) gets a step of its own
+        return PlainResponse(b"".join((head, _ENGINE_COUNT_HEAD, *counts.pieces(), _QUEUED_HEAD, *queued.pieces(),
+                                       _PROMPT_HEAD, *prompt.pieces())), _METRICS_CONTENT_TYPE)
 
 
     def _cluster_lines(self, cluster):
@@ -282,6 +330,8 @@ class MetricsRender(Render):
             queued.append(f"queued_num{labels}{floatToGoString(engine.queued)}\n")
             prompt.append(f"prompt_length{labels}{floatToGoString(engine.prompt)}\n")
             if self.clock.spent():
+                # Joined as it goes (see _Pieces): no long join at the end.
+                queued, prompt = ["".join(queued)], ["".join(prompt)]
                 yield
         return (version if cluster.version == version else -1,
                 f'model_engine_count{{model_name="{name}"}} {floatToGoString(len(engines))}\n'.encode("utf-8"),
