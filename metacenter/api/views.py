@@ -128,6 +128,7 @@ class Render:
         self._waiting = None  # Deferreds of the requests sharing the build in progress
         self._result = None
         self.clock = None
+        self.later_steps = 0  # steps of the build in progress after the first (0: still in the request's turn)
         self.builds = 0  # for tests: how many builds ran
         self.steps_taken = 0  # for tests and the bench: steps over all builds
 
@@ -139,6 +140,7 @@ class Render:
             self._waiting.append(d)
             return d
         self.builds += 1
+        self.later_steps = 0
         self.clock = _Clock(self._budget)
         gen = self.steps()
         try:
@@ -157,6 +159,7 @@ class Render:
     def _drive(self, gen):
         while True:
             self.clock.restart()
+            self.later_steps += 1
             try:
                 next(gen)
             except StopIteration as done:
@@ -207,7 +210,8 @@ class OverviewRender(Render):
             if clock.spent():
                 pieces.seal()
                 yield
-        yield  # the join below (a copy of the whole body) gets a step of its own
+        if self.later_steps:  # a big body: the join below (a copy of all of it) gets a step of its own
+            yield
         return Raw(pieces.value(b'{"time":%d,"clusters":[' % now_ns, b"]}"))
 
     def _engines_in_steps(self, cluster):
@@ -257,7 +261,8 @@ class StatusRender(Render):
             if clock.spent():
                 pieces.seal()
                 yield
-        yield  # the join below gets a step of its own
+        if self.later_steps:  # a big body: the join below (a copy of all of it) gets a step of its own
+            yield
         return Raw(pieces.value(envelope.dumps(head)[:-1] + b',"digest":{', b"}}"))
 
 
@@ -312,7 +317,8 @@ class MetricsRender(Render):
                 yield
         # Only clusters that still exist stay cached.
         self._lines = fresh
-        yield  # the join below (one copy of the whole body) gets a step of its own
+        if self.later_steps:  # a big body: the join below (a copy of all of it) gets a step of its own
+            yield
         return PlainResponse(b"".join((head, _ENGINE_COUNT_HEAD, *counts.pieces(), _QUEUED_HEAD, *queued.pieces(),
                                        _PROMPT_HEAD, *prompt.pieces())), _METRICS_CONTENT_TYPE)
 
