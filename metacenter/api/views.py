@@ -129,8 +129,7 @@ class Render:
         self._result = None
         self.clock = None
         self.later_steps = 0  # steps of the build in progress after the first (0: still in the request's turn)
-        self.builds = 0  # for tests: how many builds ran
-        self.steps_taken = 0  # for tests and the bench: steps over all builds
+        self.builds = 0  # how many builds ran (tests)
 
     def get(self):
         """The result at once (a small state: one step was enough), or a
@@ -146,9 +145,7 @@ class Render:
         try:
             next(gen)
         except StopIteration as done:
-            self.steps_taken += 1
             return done.value
-        self.steps_taken += 1
         self._waiting = []
         self._result = None
         d = Deferred()
@@ -163,10 +160,8 @@ class Render:
             try:
                 next(gen)
             except StopIteration as done:
-                self.steps_taken += 1
                 self._result = done.value
                 return
-            self.steps_taken += 1
             yield None
 
     def _finished(self, outcome):
