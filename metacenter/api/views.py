@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 
 from metacenter.api import envelope
 from metacenter.api.endpoint import PlainResponse, Raw
+from metacenter.runtime import logs
 
 # Work per step (one reactor turn): far below the 5 ms a pause may last.
 TURN_BUDGET = 0.001
@@ -226,8 +227,9 @@ class OverviewRender(Render):
 
 
 class StatusRender(Render):
-    """``GET /v1/node/status``: the node's counters and peers, and each
-    cluster's digest ``{"live": int, "digest": 16 hex digits}``."""
+    """``GET /v1/node/status``: what ``Node.status()`` gives (version, counts,
+    readiness, peers, log level), each cluster's digest ``{"live": int,
+    "digest": 16 hex digits}`` built in slices."""
 
     def __init__(self, node, cooperate, budget=TURN_BUDGET):
         super().__init__(cooperate, budget)
@@ -246,6 +248,8 @@ class StatusRender(Render):
             "engines": state.engine_count,
             "clusters": len(state.clusters),
             "peers": node.peer_status(),
+            # The fields of Node.status() but its digests, which come next in slices.
+            "log_level": logs.current_level(),
         }
         pieces = _Pieces(b",")
         for name in list(state.clusters):
