@@ -34,9 +34,9 @@ import traceback
 from bench import http_load, report, servers, workload, wrk
 
 SECTIONS = ("gateway", "endpoints", "cache", "halfrate", "rss", "replication", "memory_state", "cache_index",
-            "loadgen_check")
+            "stall", "loadgen_check")
 # Sections that other modules of bench/ provide (see run_plugin).
-PLUGINS = ("replication", "memory_state", "cache_index")
+PLUGINS = ("replication", "memory_state", "cache_index", "stall")
 
 CLUSTER = "bench"
 ENGINES = 50
@@ -586,6 +586,20 @@ def targets(sections):
     else:
         add("cache query (1,000 hashes, 100 engines, 1M blocks) < 1 ms over HTTP",
             c["skipped"] if c and c.get("skipped") else "-", None)
+    st = sections.get("stall")
+    pause, probe = "no reactor pause above 5 ms, whatever the state holds", "probe p99 as on an empty node"
+    if st and not st.get("skipped") and st.get("states"):
+        states = st["states"]
+        worst = {k: (v["reactor_lag"]["worst_le_s"] or 0) * 1e3 for k, v in states.items()}
+        add(pause, "worst lag ≤ " + ", ".join(f"{k} {w:g} ms" for k, w in worst.items())
+            + " (bucket bounds of metacenter_reactor_lag_seconds)", max(worst.values()) <= 5)
+        p99 = {k: v["probe"].get("p99_ms") for k, v in states.items()}
+        empty = p99.get("empty")
+        add(probe, ", ".join(f"{k} {v:.2f} ms" for k, v in p99.items() if v is not None),
+            None if empty is None else all(v is not None and v <= max(empty * 1.5, empty + 1) for v in p99.values()))
+    else:
+        add(pause, st["skipped"] if st else "-", None)
+        add(probe, "-", None)
     return out
 
 

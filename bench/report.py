@@ -87,6 +87,9 @@ def table(results):
             extra.append(f"- {name}: not measured ({s['skipped']}).")
         elif s.get("summary"):
             extra.append(f"- {name}: {s['summary']}")
+    st = sections.get("stall")
+    if st and st.get("skipped"):
+        extra.append(f"- stall: not measured ({st['skipped']}).")
     lc = sections.get("loadgen_check")
     if lc and not lc.get("skipped"):
         extra.append(f"- Load generator check on the ceiling: wrk {lc['wrk']['rate']:,.0f} req/s "
@@ -94,6 +97,8 @@ def table(results):
                      f"(its CPU {lc['python']['client_cpu_util']:.0%}): {lc['verdict']}.")
     if extra:
         out += extra + [""]
+    if st and not st.get("skipped") and st.get("states"):
+        out += [stall_table(st), ""]
     targets = results.get("targets") or []
     if targets:
         out += ["| target | measured | |", "|---|---|---|"]
@@ -101,6 +106,31 @@ def table(results):
             out.append(f"| {t['target']} | {t['measured']} | {t['verdict']} |")
         out.append("")
     return "\n".join(out)
+
+
+def _lag(lag):
+    worst = lag.get("worst_le_s")
+    return "-" if worst is None else f"≤ {worst * 1e3:g}"
+
+
+def stall_table(st):
+    """The stall section: one row per state (bench/stall.py)."""
+    rows = ["Reactor pauses while a scraper polls /metrics and a console polls overview and status every second "
+            "(bench/stall.py; lag from the node's metacenter_reactor_lag_seconds, ticking every 10 ms; probe: "
+            "a GET every 10 ms, latency from when due):", "",
+            "| state | worst lag ms | ticks > 5 ms | full GCs | probe p50 ms | probe p99 ms | probe max ms "
+            "| scrape ms (bytes) | console poll ms | node core | with a peer's digest + snapshot: worst lag ms, "
+            "probe p99 ms |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for s in st["states"].values():
+        lag, probe, scrape, peer = s["reactor_lag"], s["probe"], s["scrape"], s["peer_polls"]
+        rows.append(f"| {s['state']} | {_lag(lag)} | {lag['ticks_above_5ms']} of {lag['ticks']} | "
+                    f"{lag.get('full_gc_collections', '-')} | {probe.get('p50_ms', 0):.2f} | "
+                    f"{probe.get('p99_ms', 0):.2f} | {probe.get('max_ms', 0):.1f} | "
+                    f"{scrape.get('p50_ms', 0):.0f} ({scrape.get('bytes', 0):,}) | "
+                    f"{s['console_poll'].get('p50_ms', 0):.0f} | {s['node_cpu_util']:.0%} | "
+                    f"{_lag(peer['reactor_lag'])}, {peer['probe'].get('p99_ms', 0):.2f} |")
+    return "\n".join(rows)
 
 
 def header(results):

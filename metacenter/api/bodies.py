@@ -7,15 +7,68 @@ through the same functions as client requests.
 """
 
 import json
+import sys
 
 from metacenter.core.cache import IPS_MAX_ITEMS, PROMPT_HASH_MAX_ITEMS, TOPK_DEFAULT, TOPK_MAX
 from metacenter.core.errors import InvalidInput
 from metacenter.core.events import EVENT_ADD, CacheSave, LoadAdd, LoadDelete
 from metacenter.core.fields import (INT32_MAX, canonical_ip, int_field, ip_field, json_type, required_string,
                                     timestamp_field, uint64_list)
-from metacenter.api.envelope import invalid_json
+from metacenter.api.envelope import invalid, invalid_json
 
 _loads = json.JSONDecoder().decode
+# Python's text-to-int conversion refuses more than sys.get_int_max_str_digits()
+# digits (4,300 by default); its message names no field.
+_TOO_MANY_DIGITS = "for integer string conversion"
+
+
+class _TooManyDigits:
+    __slots__ = ("digits",)
+
+    def __init__(self, digits):
+        self.digits = digits
+
+
+def _too_many_digits_reason(text):
+    """The reason for a body with an over-long integer, naming where it is.
+    Parsed again with a hook on integers: only on this refusal, since a hook
+    makes every integer of every body a Python call."""
+    limit = sys.get_int_max_str_digits()
+
+    def parse_int(digits):
+        length = len(digits.lstrip("-"))
+        return _TooManyDigits(length) if limit and length > limit else int(digits)
+
+    try:
+        value = json.JSONDecoder(parse_int=parse_int).decode(text)
+    except (ValueError, RecursionError):
+        value = None
+    found = _find_too_many_digits(value, ())
+    if found is None:
+        return f"a number has too many digits; integers of at most {limit} digits are accepted"
+    path, digits = found
+    keys = ".".join(str(p) for p in path if isinstance(p, str))
+    items = "".join(f" item {p}" for p in path if isinstance(p, int))
+    where = (f"field {keys!r}" if keys else "") + items
+    return f"{where.strip() or 'a number'} has {digits} digits; integers of at most {limit} digits are accepted"
+
+
+def _find_too_many_digits(value, path):
+    """(path, digits) of the first over-long integer in document order, the
+    path a tuple of keys and indexes; None if there is none."""
+    if isinstance(value, _TooManyDigits):
+        return path, value.digits
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _find_too_many_digits(item, path + (key,))
+        if found is not None:
+            return found
+    return None
 
 
 def parse_json_object(body):
@@ -30,6 +83,8 @@ def parse_json_object(body):
     try:
         value = _loads(text)
     except ValueError as e:
+        if _TOO_MANY_DIGITS in str(e):
+            raise invalid(_too_many_digits_reason(text)) from None
         raise invalid_json(f"malformed JSON: {e}") from None
     except RecursionError:
         raise invalid_json("malformed JSON: nested too deeply") from None

@@ -7,7 +7,7 @@ from metacenter.core.events import EVENT_ADD, EVENT_DELETE, EVENT_PROMPT_DELETE,
 
 
 class LoadRoutes:
-    """With ``MetacenterAPI`` (``node``, ``load_bodies``)."""
+    """With ``MetacenterAPI`` (``node``, ``load_bodies``, ``views``)."""
 
     @endpoint("/v1/load/stats", ["POST"])
     def load_add(self, request, trace_id):
@@ -48,4 +48,4 @@ class LoadRoutes:
     def load_overview(self, request, trace_id):
         """Every cluster's engines at once (the console): ``{"time": ns,
         "clusters": [{"cluster", "engines": [as in GET /v1/load/stats]}]}``."""
-        return self.node.overview()
+        return self.views.overview.get()

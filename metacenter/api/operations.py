@@ -3,7 +3,6 @@ the node's status and the API's own description."""
 
 import os
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from metacenter.api import bodies, envelope
 from metacenter.api.endpoint import PlainResponse, endpoint, log, read_json_object
@@ -35,7 +34,7 @@ class OperationsRoutes:
     def metrics(self, request, trace_id):
         """The node's Prometheus series (text exposition format, outside the
         envelope); see docs/metrics.md."""
-        return PlainResponse(generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST.encode("ascii"))
+        return self.views.metrics.get()
 
     @endpoint("/livez", ["GET"])
     def livez(self, request, trace_id):
@@ -54,7 +53,7 @@ class OperationsRoutes:
     def node_status(self, request, trace_id):
         """The node's version, readiness, sizes, peers and per-cluster
         digests (``Node.status``)."""
-        return self.node.status()
+        return self.views.status.get()
 
     @endpoint("/openapi.json", ["GET"])
     def openapi(self, request, trace_id):

@@ -31,20 +31,32 @@ class LoadResponseCache:
     def body(self, cluster):
         """A ``core.load.Cluster``'s engines as the wire's JSON array
         (``Raw`` bytes: [{"ip", "queued_req_num", "prompt_length",
-        "updated_time"}])."""
+        "updated_time", ...}])."""
         cached = self._clusters.get(cluster.name)
         if cached is not None and cached[0] == cluster.version:
             return cached[1]
-        fragments = self._engines
-        parts = []
-        for engine in cluster.engines.values():
-            fragment = fragments.get(engine.engine_id)
-            if fragment is None or fragment[0] != engine.version:
-                fragment = fragments[engine.engine_id] = (engine.version, dumps(engine.as_dict()))
-            parts.append(fragment[1])
-        body = Raw(b"[" + b",".join(parts) + b"]")
+        fragment = self.fragment
+        body = Raw(b"[" + b",".join([fragment(engine) for engine in cluster.engines.values()]) + b"]")
         self._clusters[cluster.name] = (cluster.version, body)
         return body
+
+    def is_fresh(self, cluster):
+        """Whether ``body(cluster)`` would be a dict lookup (no serialising)."""
+        cached = self._clusters.get(cluster.name)
+        return cached is not None and cached[0] == cluster.version
+
+    def fragment(self, engine):
+        """One engine's serialised row, serialised again only after it changed."""
+        fragment = self._engines.get(engine.engine_id)
+        if fragment is None or fragment[0] != engine.version:
+            fragment = self._engines[engine.engine_id] = (engine.version, dumps(engine.as_dict()))
+        return fragment[1]
+
+    def store(self, cluster, version, body):
+        """Keep a body built elsewhere in steps (``api.views``) from engines
+        read at ``version``; ignored when the cluster changed meanwhile."""
+        if cluster.version == version and cluster.name in self._state.clusters:
+            self._clusters[cluster.name] = (version, body)
 
     def _engine_removed(self, engine):
         self._engines.pop(engine.engine_id, None)

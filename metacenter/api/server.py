@@ -19,6 +19,7 @@ from metacenter.api.replica import ReplicaRoutes
 from metacenter.api.response_cache import LoadResponseCache
 from metacenter.api.routing import RoutingResource
 from metacenter.runtime.logs import ThrottledLog
+from metacenter.api.views import Views
 
 
 @register_routes
@@ -39,6 +40,8 @@ class MetacenterAPI(LoadRoutes, CacheRoutes, ReplicaRoutes, OperationsRoutes):
         self.peer_auth = peer_auth
         self.refused_peers = ThrottledLog(peer_log, node.clock, REFUSED_PEER_LOG_INTERVAL)
         self.load_bodies = LoadResponseCache(node.state)
+        # Bodies over the whole state, built in slices of bounded reactor time.
+        self.views = Views(node, metrics, self.load_bodies)
 
     def resource(self):
         """The root resource: ``RoutingResource`` over this app."""

@@ -1,9 +1,37 @@
-"""The HTTP server side of twisted.web: a Request that refuses oversized bodies
-without buffering them, and the Site that uses it."""
+"""The HTTP server side of twisted.web: the Site, its channel (connection)
+and its Request, with the node's limits on clients.
+
+- Bodies: at most ``max_body`` bytes are kept. A body whose Content-Length
+  already says more is answered 413 at once, before any of it is read and
+  without "100 Continue"; a chunked body found too big as it streams in is
+  dropped as it arrives and answered 413 when it ends.
+- Slow clients: a request whose headers and body have not all arrived
+  ``request_deadline`` seconds after its first byte is dropped (Twisted's own
+  idle timer restarts on every byte, so a client sending one byte a minute
+  would hold a connection for ever).
+- Idle connections: kept ``idle_timeout`` seconds, longer than the Go
+  gateway's 5-minute idle pool, so the node never closes a connection the
+  gateway is about to reuse.
+- At most ``max_connections`` are open; one more is answered 503 in the
+  envelope and closed.
+- HEAD is answered like GET without a body, and without Twisted's warning
+  in the log for every HEAD.
+"""
 
 from io import BytesIO
 
-from twisted.web import server
+from twisted.internet.protocol import Protocol
+from twisted.web import http, server
+
+from metacenter.api import envelope
+from metacenter.runtime.logs import ThrottledLog, logger
+
+log = logger("metacenter.api.site")
+
+# After a refusal the node closes its side and waits this long before it
+# drops the connection: a client still sending its request then reads the
+# answer instead of a reset (closing with unread data sends a TCP RST).
+LINGER_SECONDS = 1.0
 
 
 class BoundedRequest(server.Request):
@@ -28,17 +56,139 @@ class BoundedRequest(server.Request):
             return
         self.content.write(data)
 
+    def render(self, resrc):
+        if self.method != b"HEAD":
+            return super().render(resrc)
+        # Our routes answer HEAD as GET (werkzeug adds HEAD to every GET
+        # route); Twisted would drop the body with a warning in the log for
+        # every HEAD. Same answer here (headers, Content-Length), quietly.
+        body = resrc.render(self)
+        if body is server.NOT_DONE_YET:
+            return  # the body written later is dropped by Request.write for HEAD
+        self.setHeader(b"Content-Length", b"%d" % (len(body),))
+        self.write(b"")
+        self.finish()
+
+
+def _linger_close(transport, call_later):
+    """Close the write side now (the answer already written goes first) and
+    the connection ``LINGER_SECONDS`` later; the unread rest is never read."""
+    try:
+        transport.loseWriteConnection()
+    except (AttributeError, NotImplementedError):  # transports without half-close (TLS, tests)
+        transport.loseConnection()
+        return None
+    return call_later(LINGER_SECONDS, transport.abortConnection)
+
+
+class MetacenterChannel(http.HTTPChannel):
+    """One client connection (see the module docstring for its limits)."""
+
+    _deadline_call = None
+    _linger_call = None
+    _refused_body = False
+
+    def connectionMade(self):
+        super().connectionMade()
+        self.site.connection_opened()
+
+    def connectionLost(self, reason):
+        for name in ("_deadline_call", "_linger_call"):
+            call = getattr(self, name)
+            if call is not None and call.active():
+                call.cancel()
+            setattr(self, name, None)
+        super().connectionLost(reason)
+        self.site.connection_closed()
+
+    def dataReceived(self, data):
+        if self._refused_body:
+            return  # the rest of a refused body: dropped unread
+        # The first byte of a request starts its deadline (bytes arriving
+        # while a request is handled belong to the next one, whose deadline
+        # starts when they are parsed, after the answer).
+        if self._deadline_call is None and not self._handlingRequest and data:
+            self._deadline_call = self.callLater(self.site.request_deadline, self._too_slow)
+        super().dataReceived(data)
+
+    def allContentReceived(self):
+        if self._deadline_call is not None:
+            if self._deadline_call.active():
+                self._deadline_call.cancel()
+            self._deadline_call = None
+        super().allContentReceived()
+
+    def _too_slow(self):
+        self._deadline_call = None
+        self.site.dropped("slow_request", self.transport.getPeer())
+        # Nothing was answered yet and nothing will be: no reason to linger.
+        self.transport.abortConnection()
+
+    def timeoutConnection(self):
+        self.site.dropped("idle", None)
+        super().timeoutConnection()
+
+    def allHeadersReceived(self):
+        request = self.requests[-1]
+        declared = self.length
+        if declared is None or declared <= request.max_body:
+            return super().allHeadersReceived()
+        # Declared too big: answered now, in the envelope, through the route
+        # (it sees body_too_large and answers 413). No "100 Continue" (the
+        # client is told not to send the body), none of it is read, and the
+        # connection closes after the answer, since the body would otherwise
+        # be taken for the next request.
+        self.persistent = False
+        request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+        request.gotLength(declared)
+        self._transferDecoder = None
+        self.length = 0  # HTTPChannel.lineReceived: no body to wait for, the request is complete
+        self._refused_body = True
+
+    def loseConnection(self):
+        if not self._refused_body:
+            return super().loseConnection()
+        self._networkProducer.unregisterProducer()
+        self._linger_call = _linger_close(self.transport, self.callLater)
+        return None
+
+
+class _Refused(Protocol):
+    """A connection over ``max_connections``: a 503 in the envelope, then closed."""
+
+    def __init__(self, answer, call_later):
+        self._answer = answer
+        self._call_later = call_later
+        self._linger = None
+
+    def connectionMade(self):
+        self.transport.write(self._answer())
+        self._linger = _linger_close(self.transport, self._call_later)
+
+    def dataReceived(self, data):
+        pass
+
+    def connectionLost(self, reason):
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+
 
 class MetacenterSite(server.Site):
-    """The node's ``Site``: requests are ``BoundedRequest``s limited to
-    ``max_body`` bytes; the access log only with ``access_log``; no
-    tracebacks in answers."""
+    """``max_body`` bytes per body; ``request_deadline`` seconds for a
+    request's headers and body to arrive; ``idle_timeout`` seconds an idle
+    connection is kept; ``max_connections`` open at most. ``metrics`` (a
+    ``runtime.metrics.Metrics``, or None) counts connections, refusals and
+    drops."""
 
-    def __init__(self, resource, max_body, access_log=False, **kwargs):
+    protocol = MetacenterChannel
+
+    def __init__(self, resource, max_body, access_log=False, metrics=None, request_deadline=30.0,
+                 idle_timeout=360.0, max_connections=10000, **kwargs):
         # Bodies are JSON whatever their Content-Type says; Twisted's default
         # parse of every POST's Content-Type for HTML forms (with the email
         # package) costs more than the rest of an add.
         kwargs.setdefault("parsePOSTFormSubmission", False)
+        kwargs["timeout"] = idle_timeout
         super().__init__(resource, **kwargs)
         limit = max_body
 
@@ -48,7 +198,49 @@ class MetacenterSite(server.Site):
         self.requestFactory = _Request
         self._access_log = access_log
         self.displayTracebacks = False
+        self.request_deadline = request_deadline
+        self.max_connections = max_connections
+        self.open_connections = 0
+        self._metrics = metrics
+        self._throttled = ThrottledLog(log, self.reactor, 60.0)
 
     def log(self, request):
         if self._access_log:
             super().log(request)
+
+    def buildProtocol(self, addr):
+        if self.open_connections >= self.max_connections:
+            if self._metrics is not None:
+                self._metrics.http_refused.inc(())
+            self._throttled.emit("refused", None, "warn",
+                                 "refusing HTTP connections: {limit} are open (--max-connections)",
+                                 limit=self.max_connections)
+            return _Refused(self._refusal, self.reactor.callLater)
+        return super().buildProtocol(addr)
+
+    def _refusal(self):
+        trace_id = envelope.new_trace_id()
+        body = envelope.error_body(envelope.unavailable(
+            f"too many open connections: at most {self.max_connections} (--max-connections)"), trace_id)
+        return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: " + envelope.JSON_CONTENT_TYPE +
+                b"\r\nContent-Length: %d\r\nConnection: close\r\nX-Trace-ID: %s\r\n\r\n" % (
+                    len(body), trace_id.encode("ascii")) + body)
+
+    def connection_opened(self):
+        self.open_connections += 1
+        if self._metrics is not None:
+            self._metrics.http_connections_open = self.open_connections
+
+    def connection_closed(self):
+        self.open_connections -= 1
+        if self._metrics is not None:
+            self._metrics.http_connections_open = self.open_connections
+
+    def dropped(self, reason, peer):
+        """A connection the node closed: ``reason`` is slow_request or idle."""
+        if self._metrics is not None:
+            self._metrics.http_dropped.inc((reason,))
+        if reason == "slow_request":
+            self._throttled.emit(reason, None, "info",
+                                 "dropped a client whose request did not arrive within {deadline:g} s "
+                                 "(--request-deadline), e.g. {peer}", deadline=self.request_deadline, peer=str(peer))

@@ -1,10 +1,13 @@
 """Prometheus metrics: the reference's series under their exact names, plus
 ``metacenter_`` ones.
 
-Per-engine gauges are not updated on the hot path: ``LoadCollector`` reads the
-state at scrape time, so a mutation costs no label lookup and the series of an
-expired engine or cluster simply stop existing. Each node has its own
-``CollectorRegistry`` (several nodes can live in one test process).
+Per-engine gauges are not updated on the hot path: they are read from the
+state at scrape time (``metacenter.api.views.MetricsRender``, in slices of
+bounded reactor time, after this registry), so a mutation costs no label
+lookup and the series of an expired engine or cluster simply stop existing.
+Everything in the registry itself has a bounded number of series. Each node
+has its own ``CollectorRegistry`` (several nodes can live in one test
+process).
 """
 
 import time
@@ -22,29 +25,21 @@ disable_created_metrics()
 
 HTTP_DURATION_BUCKETS_US = (50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000, 1000000)
 REPLICATION_LATENCY_BUCKETS_MS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+# Fine around the 5 ms a reactor pause may last, coarse beyond.
+REACTOR_LAG_BUCKETS_S = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                         2.5, 5.0, 10.0)
 
 
 class LoadCollector:
-    """Engine and cluster series, read from the state when scraped."""
+    """The load table's sizes, read from the state when scraped. The
+    per-cluster and per-engine series (``model_engine_count``, ``queued_num``,
+    ``prompt_length``) are not here: ``metacenter.api.views`` renders them
+    over several reactor turns, since they grow with the state."""
 
     def __init__(self, state):
         self._state = state
 
     def collect(self):
-        engines_per_cluster = GaugeMetricFamily("model_engine_count", "Engines per cluster (model).",
-                                                labels=["model_name"])
-        queued = GaugeMetricFamily("queued_num", "Requests in flight on an engine.",
-                                   labels=["model_name", "engine_ip"])
-        prompt = GaugeMetricFamily("prompt_length", "Prompt bytes still in prefill on an engine.",
-                                   labels=["model_name", "engine_ip"])
-        for name, cluster in list(self._state.clusters.items()):
-            engines_per_cluster.add_metric([name], len(cluster.engines))
-            for ip, engine in list(cluster.engines.items()):
-                queued.add_metric([name, ip], engine.queued)
-                prompt.add_metric([name, ip], engine.prompt)
-        yield engines_per_cluster
-        yield queued
-        yield prompt
         state = self._state
         for name, help_text, value in (
             ("metacenter_inflight_requests", "Requests recorded and not yet deleted or expired.", state.request_count),
@@ -55,6 +50,18 @@ class LoadCollector:
             g = GaugeMetricFamily(name, help_text)
             g.add_metric([], value)
             yield g
+
+
+class ValueGauge:
+    """A gauge whose value is read from ``read()`` when scraped."""
+
+    def __init__(self, name, documentation, read):
+        self.name = name
+        self.documentation = documentation
+        self.read = read
+
+    def collect(self):
+        yield GaugeMetricFamily(self.name, self.documentation, value=self.read())
 
 
 class CacheCollector:
@@ -177,7 +184,26 @@ class Metrics:
             [], REPLICATION_LATENCY_BUCKETS_MS)
         self.events = CountsFamily("metacenter_load_events", "Load events applied, by type, origin and effect.",
                                    ["event", "origin", "effect"])
-        for family in (self.http_status, self.http_duration, self.replication_latency, self.events):
+        # The reactor's lateness (runtime.reactorlag) and the HTTP server's
+        # connections (api.site): plain values too, updated on the reactor.
+        self.reactor_lag = HistogramFamily(
+            "metacenter_reactor_lag_seconds",
+            "How late the reactor ran a timer due at a known time: how long it was busy with something else.",
+            [], REACTOR_LAG_BUCKETS_S)
+        self.http_connections_open = 0
+        self.http_connections = ValueGauge("metacenter_http_connections", "Open HTTP connections (clients).",
+                                           lambda: self.http_connections_open)
+        self.http_refused = CountsFamily("metacenter_http_connections_refused",
+                                         "HTTP connections refused at once: --max-connections were open.", [])
+        self.http_refused.inc((), 0)
+        self.http_dropped = CountsFamily(
+            "metacenter_http_connections_dropped",
+            "HTTP connections closed by the node, by reason: slow_request (a request's headers and body took longer "
+            "than --request-deadline), idle (no request for --idle-timeout).", ["reason"])
+        for reason in ("slow_request", "idle"):
+            self.http_dropped.inc((reason,), 0)
+        for family in (self.http_status, self.http_duration, self.replication_latency, self.events, self.reactor_lag,
+                       self.http_connections, self.http_refused, self.http_dropped):
             r.register(family)
 
         Gauge("metacenter_node_alive", "1 while the node runs.", registry=r).set(1)

@@ -152,9 +152,10 @@ class Node:
         """A delete (or early prompt delete) from a peer's snapshot or repair."""
         return self.state.apply_tombstone(request_id, kind)
 
-    def status(self):
-        """The ``GET /status`` data: version, counts, readiness, the peers'
-        replication status and each cluster's digest (live count, hex XOR)."""
+    def status_head(self):
+        """The ``GET /v1/node/status`` data but the digests: version, start
+        (ns), readiness, counts, the peers' replication status, log level.
+        O(peers); the API adds the digests in slices (``api.views``)."""
         state = self.state
         return {
             "version": self.version,
@@ -167,17 +168,15 @@ class Node:
             "clusters": len(state.clusters),
             "peers": self.peer_status(),
             "log_level": logs.current_level(),
-            "digest": {name: {"live": c.live, "digest": format(c.digest, "016x")}
-                       for name, c in state.clusters.items()},
         }
 
-    def overview(self):
-        """The ``GET /overview`` data: the time (ns) and every cluster's engines."""
-        return {
-            "time": int(self.clock.seconds() * 1e9),
-            "clusters": [{"cluster": name, "engines": [e.as_dict() for e in c.engines.values()]}
-                         for name, c in self.state.clusters.items()],
-        }
+    def status(self):
+        """``status_head()`` plus each cluster's digest (live count, hex XOR)
+        in one go: O(clusters), for tests and small states."""
+        state = self.state
+        return {**self.status_head(),
+                "digest": {name: {"live": c.live, "digest": format(c.digest, "016x")}
+                           for name, c in state.clusters.items()}}
 
 
 def build_node(clock, *, request_expire=660.0, tombstone_ttl=60.0, cache_engine_blocks=None, cache_ttl=None,

@@ -29,6 +29,7 @@ from metacenter.runtime import config as config_module
 from metacenter.runtime import logs
 from metacenter.runtime.node import Readiness, build_node
 from metacenter.runtime.periodic import Periodic
+from metacenter.runtime.reactorlag import LagProbe
 from metacenter.runtime.sweeper import Sweeper
 from metacenter.runtime.turns import chunk_per_turn
 
@@ -207,8 +208,12 @@ def makeService(options, reactor=None):
         api.peer_auth = authenticator
 
     top = MultiService()
-    site = MetacenterSite(api.resource(), max_body=cfg.max_body, access_log=cfg.access_log, reactor=reactor)
+    site = MetacenterSite(api.resource(), max_body=cfg.max_body, access_log=cfg.access_log, reactor=reactor,
+                          metrics=node.metrics, request_deadline=cfg.request_deadline, idle_timeout=cfg.idle_timeout,
+                          max_connections=cfg.max_connections)
     APIListener(cfg.listen, site, reactor).setServiceParent(top)
+    LagProbe(reactor, lambda lag: node.metrics.reactor_lag.observe((), lag),
+             interval=cfg.reactor_lag_interval).setServiceParent(top)
 
     sweeper = Sweeper(node.state, node.metrics, node.cooperate, cache=node.cache)
     Periodic(cfg.gc_interval, sweeper.sweep, what="expiry sweep", clock=reactor,

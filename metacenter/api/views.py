@@ -1,0 +1,321 @@
+"""Bodies that cover the whole state (``/metrics``, ``/v1/load/overview``,
+``/v1/node/status``), produced in slices of bounded reactor time.
+
+Prometheus scrapes every 15-30 s and the console polls the overview and the
+status every second; at 20,000 clusters a walk over everything in one go
+blocked the reactor for most of a second, while gateways wait 100 ms at most.
+Here each body is built by a generator that does at most ``TURN_BUDGET`` of
+work per step: the first step runs inside the request (a small state is
+answered at once, in the same turn), the others one per reactor turn through
+the node's cooperator, so gateway requests are served between them.
+
+What does not change between two polls is not redone: a cluster's engine list
+is the ``LoadResponseCache`` that ``GET /v1/load/stats`` reads (rebuilt from
+per-engine fragments, only the changed ones serialised again), and a
+cluster's metric lines are cached by ``Cluster.version``. A request that
+arrives while the same body is being built shares that build.
+
+The state may change between two steps: each cluster is read whole within one
+step (or, for a cluster with many engines, from a copy of its engine list),
+so every cluster in a body is consistent, and a cluster removed meanwhile is
+left out.
+"""
+
+from time import perf_counter
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.utils import floatToGoString
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from metacenter.api import envelope
+from metacenter.api.endpoint import PlainResponse, Raw
+
+# Work per step (one reactor turn): far below the 5 ms a pause may last.
+TURN_BUDGET = 0.001
+# Items between two looks at the clock (perf_counter costs ~50 ns; items ~1 µs).
+_CHECK_EVERY = 32
+
+_METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST.encode("ascii")
+
+
+class _Clock:
+    """Tells a step when its budget is spent, looking at the clock every
+    ``_CHECK_EVERY`` items."""
+
+    __slots__ = ("deadline", "count", "budget")
+
+    def __init__(self, budget):
+        self.budget = budget
+        self.count = 0
+        self.deadline = perf_counter() + budget
+
+    def spent(self):
+        self.count += 1
+        if self.count % _CHECK_EVERY:
+            return False
+        return perf_counter() >= self.deadline
+
+    def restart(self):
+        self.deadline = perf_counter() + self.budget
+
+
+class _Pieces:
+    """Parts of a body joined step by step: each ``seal()`` (before a step
+    yields) joins the parts added since the last one, so the last step joins
+    a few hundred pieces, not one per cluster or engine."""
+
+    __slots__ = ("sep", "parts", "sealed")
+
+    def __init__(self, sep=b""):
+        self.sep = sep
+        self.parts = []
+        self.sealed = []
+
+    def seal(self):
+        if self.parts:
+            self.sealed.append(self.sep.join(self.parts))
+            self.parts = []
+
+    def value(self, before=b"", after=b""):
+        """``before`` + the parts joined by ``sep`` + ``after``, in one copy."""
+        self.seal()
+        sealed = self.sealed
+        if not self.sep or len(sealed) < 2:
+            return b"".join((before, *sealed, after))
+        items = [before]
+        for piece in sealed:
+            items.append(piece)
+            items.append(self.sep)
+        items[-1] = after
+        return b"".join(items)
+
+    def pieces(self):
+        """The sealed groups, for a join by the caller (no separator)."""
+        self.seal()
+        return self.sealed
+
+
+class Render:
+    """One kind of body, built by ``steps()`` (a generator that yields when
+    ``self.clock.spent()``, and returns the finished result), shared by every
+    request that arrives while it is being built."""
+
+    def __init__(self, cooperate, budget=TURN_BUDGET):
+        self._cooperate = cooperate
+        self._budget = budget
+        self._waiting = None  # Deferreds of the requests sharing the build in progress
+        self._result = None
+        self.clock = None
+        self.later_steps = 0  # steps of the build in progress after the first (0: still in the request's turn)
+        self.builds = 0  # how many builds ran (tests)
+
+    def get(self):
+        """The result at once (a small state: one step was enough), or a
+        Deferred that fires with it."""
+        if self._waiting is not None:
+            d = Deferred()
+            self._waiting.append(d)
+            return d
+        self.builds += 1
+        self.later_steps = 0
+        self.clock = _Clock(self._budget)
+        gen = self.steps()
+        try:
+            next(gen)
+        except StopIteration as done:
+            return done.value
+        self._waiting = []
+        self._result = None
+        d = Deferred()
+        self._waiting.append(d)
+        self._cooperate(self._drive(gen)).whenDone().addBoth(self._finished)
+        return d
+
+    def _drive(self, gen):
+        while True:
+            self.clock.restart()
+            self.later_steps += 1
+            try:
+                next(gen)
+            except StopIteration as done:
+                self._result = done.value
+                return
+            yield None
+
+    def _finished(self, outcome):
+        waiting, self._waiting = self._waiting, None
+        result, self._result = self._result, None
+        for d in waiting:
+            if isinstance(outcome, Failure):
+                d.errback(outcome)
+            else:
+                d.callback(result)
+        return None
+
+    def steps(self):
+        raise NotImplementedError
+
+
+class OverviewRender(Render):
+    """``GET /v1/load/overview``: ``{"time": ns, "clusters": [{"cluster":
+    name, "engines": [engine, ...]}, ...]}``, engines as in
+    ``GET /v1/load/stats``."""
+
+    def __init__(self, node, bodies, cooperate, budget=TURN_BUDGET):
+        super().__init__(cooperate, budget)
+        self._node = node
+        self._bodies = bodies
+
+    def steps(self):
+        clock = self.clock
+        state = self._node.state
+        now_ns = int(self._node.clock.seconds() * 1e9)
+        pieces = _Pieces(b",")
+        for name in list(state.clusters):
+            cluster = state.clusters.get(name)
+            if cluster is None:
+                continue
+            if len(cluster.engines) < 64 or self._bodies.is_fresh(cluster):
+                engines = self._bodies.body(cluster)
+            else:
+                pieces.seal()
+                engines = yield from self._engines_in_steps(cluster)
+            pieces.parts.append(b'{"cluster":' + envelope.dumps(name) + b',"engines":' + engines + b"}")
+            if clock.spent():
+                pieces.seal()
+                yield
+        if self.later_steps:  # a big body: the join below (a copy of all of it) gets a step of its own
+            yield
+        return Raw(pieces.value(b'{"time":%d,"clusters":[' % now_ns, b"]}"))
+
+    def _engines_in_steps(self, cluster):
+        """A big cluster whose cached list is stale: its engines' fragments
+        over several steps, from a copy of its engine list."""
+        version = cluster.version
+        pieces = _Pieces(b",")
+        fragment = self._bodies.fragment
+        for engine in list(cluster.engines.values()):
+            pieces.parts.append(fragment(engine))
+            if self.clock.spent():
+                pieces.seal()
+                yield
+        body = Raw(pieces.value(b"[", b"]"))
+        self._bodies.store(cluster, version, body)
+        return body
+
+
+class StatusRender(Render):
+    """``GET /v1/node/status``: ``Node.status_head()`` (version, counts,
+    readiness, peers, log level), then each cluster's digest ``{"live": int,
+    "digest": 16 hex digits}`` built in slices."""
+
+    def __init__(self, node, cooperate, budget=TURN_BUDGET):
+        super().__init__(cooperate, budget)
+        self._node = node
+
+    def steps(self):
+        clock = self.clock
+        node, state = self._node, self._node.state
+        head = node.status_head()
+        pieces = _Pieces(b",")
+        for name in list(state.clusters):
+            cluster = state.clusters.get(name)
+            if cluster is None:
+                continue
+            pieces.parts.append(envelope.dumps(name) + b':{"live":%d,"digest":"%016x"}' % (cluster.live, cluster.digest))
+            if clock.spent():
+                pieces.seal()
+                yield
+        if self.later_steps:  # a big body: the join below (a copy of all of it) gets a step of its own
+            yield
+        return Raw(pieces.value(envelope.dumps(head)[:-1] + b',"digest":{', b"}}"))
+
+
+def _label_value(value):
+    """As prometheus-client escapes a label value."""
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+_ENGINE_COUNT_HEAD = b"# HELP model_engine_count Engines per cluster (model).\n# TYPE model_engine_count gauge\n"
+_QUEUED_HEAD = b"# HELP queued_num Requests in flight on an engine.\n# TYPE queued_num gauge\n"
+_PROMPT_HEAD = b"# HELP prompt_length Prompt bytes still in prefill on an engine.\n# TYPE prompt_length gauge\n"
+
+
+class MetricsRender(Render):
+    """``GET /metrics``: the Prometheus text format of the node's registry
+    (bounded series: process, HTTP, events, replication, ...), then the
+    per-cluster and per-engine load series (``model_engine_count``,
+    ``queued_num``, ``prompt_length``) in slices, each cluster's lines cached
+    by its version."""
+
+    def __init__(self, node, registry, cooperate, budget=TURN_BUDGET):
+        super().__init__(cooperate, budget)
+        self._state = node.state
+        self._registry = registry
+        # name -> (version, engine count line, queued lines, prompt lines)
+        self._lines = {}
+
+    def steps(self):
+        clock = self.clock
+        # Bounded (no series per cluster or engine): ~1 ms, in the first step.
+        head = generate_latest(self._registry)
+        state = self._state
+        cache, fresh = self._lines, {}
+        counts, queued, prompt = _Pieces(), _Pieces(), _Pieces()
+        for name in list(state.clusters):
+            cluster = state.clusters.get(name)
+            if cluster is None:
+                continue
+            lines = cache.get(name)
+            if lines is None or lines[0] != cluster.version:
+                if len(cluster.engines) >= 64:
+                    for p in (counts, queued, prompt):
+                        p.seal()
+                lines = yield from self._cluster_lines(cluster)
+            fresh[name] = lines
+            counts.parts.append(lines[1])
+            queued.parts.append(lines[2])
+            prompt.parts.append(lines[3])
+            if clock.spent():
+                for p in (counts, queued, prompt):
+                    p.seal()
+                yield
+        # Only clusters that still exist stay cached.
+        self._lines = fresh
+        if self.later_steps:  # a big body: the join below (a copy of all of it) gets a step of its own
+            yield
+        return PlainResponse(b"".join((head, _ENGINE_COUNT_HEAD, *counts.pieces(), _QUEUED_HEAD, *queued.pieces(),
+                                       _PROMPT_HEAD, *prompt.pieces())), _METRICS_CONTENT_TYPE)
+
+
+    def _cluster_lines(self, cluster):
+        """(version, engine count line, queued lines, prompt lines) of one
+        cluster; a big cluster's over several steps, from a copy of its
+        engine list (cached only if it did not change meanwhile)."""
+        version = cluster.version
+        name = _label_value(cluster.name)
+        queued, prompt = [], []
+        engines = list(cluster.engines.values())
+        for engine in engines:
+            labels = f'{{engine_ip="{_label_value(engine.ip)}",model_name="{name}"}} '
+            queued.append(f"queued_num{labels}{floatToGoString(engine.queued)}\n")
+            prompt.append(f"prompt_length{labels}{floatToGoString(engine.prompt)}\n")
+            if self.clock.spent():
+                # Joined as it goes (see _Pieces): no long join at the end.
+                queued, prompt = ["".join(queued)], ["".join(prompt)]
+                yield
+        return (version if cluster.version == version else -1,
+                f'model_engine_count{{model_name="{name}"}} {floatToGoString(len(engines))}\n'.encode("utf-8"),
+                "".join(queued).encode("utf-8"), "".join(prompt).encode("utf-8"))
+
+
+class Views:
+    """The three renders of one node (``api.server.MetacenterAPI`` holds one)."""
+
+    def __init__(self, node, metrics, bodies, budget=TURN_BUDGET):
+        cooperate = node.cooperate
+        self.overview = OverviewRender(node, bodies, cooperate, budget)
+        self.status = StatusRender(node, cooperate, budget)
+        self.metrics = MetricsRender(node, metrics.registry, cooperate, budget)
+
