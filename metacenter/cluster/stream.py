@@ -83,7 +83,7 @@ from metacenter.api import bodies
 from metacenter.core.errors import InvalidInput
 from metacenter.core.events import (EVENT_ADD, EVENT_CACHE_SAVE, EVENT_DELETE, EVENT_PROMPT_DELETE, LoadAdd,
                                     LoadDelete)
-from metacenter.core.fields import INT32_MAX, INT64_MAX, canonical_ip
+from metacenter.core.fields import INT32_MAX, INT64_MAX, MAX_LENGTHS, canonical_ip
 from metacenter.core.replog import FRESH, RESUMED
 from metacenter.runtime.logs import ThrottledLog, logger
 
@@ -243,6 +243,8 @@ def _fast_add(entry):
     _, cluster, request_id, ip, prompt_length, timestamp = entry
     if (type(cluster) is str and type(request_id) is str and type(ip) is str and cluster and request_id
             and cluster.isascii() and request_id.isascii()  # other text: parse() checks surrogates
+            and len(cluster) <= MAX_LENGTHS["cluster"] and len(request_id) <= MAX_LENGTHS["request_id"]
+            and len(ip) <= MAX_LENGTHS["ip"]  # longer: parse() refuses them, naming the field
             and type(prompt_length) is int and 0 <= prompt_length <= INT32_MAX
             and (timestamp is None or (type(timestamp) is int and 0 <= timestamp <= INT64_MAX))):
         try:
@@ -255,6 +257,7 @@ def _fast_add(entry):
 def _fast_delete(entry):
     _, request_id, timestamp = entry
     if (type(request_id) is str and request_id and request_id.isascii()
+            and len(request_id) <= MAX_LENGTHS["request_id"]
             and (timestamp is None or (type(timestamp) is int and 0 <= timestamp <= INT64_MAX))):
         return LoadDelete((request_id, timestamp))
     return None

@@ -104,6 +104,12 @@ class CacheCollector:
                                 value=index.approx_bytes())
 
 
+# The label values of metacenter_limit_refusals_total: a fixed set.
+LENGTH_LIMIT_NAMES = ("request_id_length", "cluster_length", "ip_length", "lease_length", "url_length")
+COUNT_LIMIT_NAMES = ("clusters", "engines_per_cluster", "engines", "requests", "leases")
+LIMIT_NAMES = LENGTH_LIMIT_NAMES + COUNT_LIMIT_NAMES
+
+
 class CountsFamily:
     """A counter family kept as plain ints and exposed when scraped.
 
@@ -202,8 +208,25 @@ class Metrics:
             "than --request-deadline), idle (no request for --idle-timeout).", ["reason"])
         for reason in ("slow_request", "idle"):
             self.http_dropped.inc((reason,), 0)
+        # Bounds (core.fields lengths, core.limits counts); label values are
+        # the fixed limit names, so the series are few.
+        self.limit_refusals = CountsFamily(
+            "metacenter_limit_refusals",
+            "Client requests refused by a bound, by limit: a field too long (request_id_length, cluster_length, "
+            "ip_length, lease_length; also in replicated events and snapshots), a request line too long (url_length) "
+            "or a count reached (clusters, "
+            "engines_per_cluster, engines, requests, leases).", ["limit"])
+        for limit in LIMIT_NAMES:
+            self.limit_refusals.inc((limit,), 0)
+        self.limit_overruns = CountsFamily(
+            "metacenter_limit_overruns",
+            "Peers' events applied although they took a count over this node's limit (peers are never refused, "
+            "so replicas agree), by limit.", ["limit"])
+        for limit in COUNT_LIMIT_NAMES:
+            self.limit_overruns.inc((limit,), 0)
         for family in (self.http_status, self.http_duration, self.replication_latency, self.events, self.reactor_lag,
-                       self.http_connections, self.http_refused, self.http_dropped):
+                       self.http_connections, self.http_refused, self.http_dropped, self.limit_refusals,
+                       self.limit_overruns):
             r.register(family)
 
         Gauge("metacenter_node_alive", "1 while the node runs.", registry=r).set(1)

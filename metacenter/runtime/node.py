@@ -16,6 +16,7 @@ from metacenter import __version__
 from metacenter.core.cache import CacheIndex
 from metacenter.core.events import (EVENT_ADD, EVENT_CACHE_SAVE, EVENT_DELETE, LoadAdd, LoadDelete,
                                     ORIGIN_CLIENT)
+from metacenter.core.limits import CountLimits
 from metacenter.core.load import LoadState
 from metacenter.runtime import logs
 from metacenter.runtime.metrics import CacheCollector, Metrics
@@ -73,10 +74,13 @@ class Node:
       every accepted client mutation (replication); ``event_listeners`` is
       the list, which subscribers may append to.
     - ``advertise``: this node's addresses, for status and snapshots.
+    - ``limits``: the ``core.limits.CountLimits`` a client's add must keep
+      (the defaults if None); a peer's events are applied over them and
+      counted (``metacenter_limit_overruns_total``).
     """
 
     def __init__(self, state, cache, metrics, clock, *, readiness, cooperate, peer_status=_no_peers, listeners=(),
-                 advertise=""):
+                 advertise="", limits=None):
         self.state = state
         self.cache = cache
         self.metrics = metrics
@@ -86,6 +90,8 @@ class Node:
         self.peer_status = peer_status
         self.event_listeners = list(listeners)
         self.advertise = advertise
+        self.limits = limits if limits is not None else CountLimits()
+        self._limits_log = logs.ThrottledLog(logs.logger("metacenter.runtime.limits"), clock, 60.0)
         self.started_at_ns = int(time.time() * 1e9)
         self.version = __version__
 
@@ -114,10 +120,12 @@ class Node:
         ``LoadDelete`` otherwise); returns whether the state changed. A
         client's event is stamped with the time now if it has no timestamp
         (ns) and goes to every listener."""
+        state = self.state
+        if event_type == EVENT_ADD:
+            self._within_limits(event, origin)
         self.metrics.observe_event_timestamp(event.timestamp, self.clock.seconds())
         if origin == ORIGIN_CLIENT:
             event = self._stamped(event)
-        state = self.state
         if event_type == EVENT_ADD:
             changed = state.add(event.cluster, event.request_id, event.ip, event.prompt_length, event.timestamp)
         elif event_type == EVENT_DELETE:
@@ -129,6 +137,31 @@ class Node:
             for listener in self.event_listeners:
                 listener(event_type, event, trace_id)
         return changed
+
+    def _within_limits(self, event, origin):
+        """Refuse a client's add over a count limit (``LimitReached``, before
+        anything changed); a peer's is applied anyway, and counted."""
+        reached = self.limits.exceeded(self.state, event.cluster, event.request_id, event.ip)
+        if reached is None:
+            return
+        if origin != ORIGIN_CLIENT:
+            self.metrics.limit_overruns.inc((reached.limit,))
+            self._limits_log.emit("overrun:" + reached.limit, None, "warn",
+                                  "applied a peer's event over a count limit ({reason}); the peers' limits differ "
+                                  "or they admitted it meanwhile", reason=reached.reason, limit=reached.limit)
+            return
+        self.metrics.limit_refusals.inc((reached.limit,))
+        self._limits_log.emit(reached.limit, None, "warn", "refusing clients' adds: {reason}",
+                              reason=reached.reason, limit=reached.limit)
+        raise reached
+
+    def field_too_long(self, error):
+        """A request's or a peer's field refused for its length
+        (``core.fields.FieldTooLong``): counted and logged, throttled."""
+        limit = error.field + "_length"
+        self.metrics.limit_refusals.inc((limit,))
+        self._limits_log.emit(limit, None, "info", "refused a field longer than its limit: {reason}",
+                              reason=error.reason, limit=limit)
 
     def save_cache(self, event, trace_id=None, origin=ORIGIN_CLIENT):
         """Engine ``ip`` now holds the KV cache of ``prompt_hash``'s prefixes;
@@ -181,7 +214,7 @@ class Node:
 
 def build_node(clock, *, request_expire=660.0, tombstone_ttl=60.0, cache_engine_blocks=None, cache_ttl=None,
                cache_max_blocks=None, advertise="", registry=None, readiness=None, cooperate=None,
-               peer_status=_no_peers, listeners=()):
+               peer_status=_no_peers, listeners=(), count_limits=None):
     """A node with its load table, KV-cache index and metrics wired together:
     the one place that does it (makeService, in-process tests).
 
@@ -189,7 +222,8 @@ def build_node(clock, *, request_expire=660.0, tombstone_ttl=60.0, cache_engine_
     series (a new one if None). ``readiness``: a ``Readiness`` (ready if
     None). ``cooperate``: the cooperator for big jobs (Twisted's global one if
     None; a process passes ``turns.chunk_per_turn(reactor).cooperate``).
-    ``peer_status`` and ``listeners`` as for ``Node``.
+    ``peer_status`` and ``listeners`` as for ``Node``; ``count_limits`` is
+    its ``limits``.
     """
     state = LoadState(clock, request_expire=request_expire, tombstone_ttl=tombstone_ttl)
     metrics = Metrics(state, registry)
@@ -201,4 +235,4 @@ def build_node(clock, *, request_expire=660.0, tombstone_ttl=60.0, cache_engine_
     metrics.registry.register(CacheCollector(cache))
     return Node(state, cache, metrics, clock, readiness=readiness if readiness is not None else Readiness(),
                 cooperate=cooperate if cooperate is not None else task.cooperate, peer_status=peer_status,
-                listeners=listeners, advertise=advertise)
+                listeners=listeners, advertise=advertise, limits=count_limits)

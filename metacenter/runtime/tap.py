@@ -19,12 +19,14 @@ from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from metacenter.api.server import MetacenterAPI
-from metacenter.api.site import MetacenterSite
+from metacenter.api.site import MetacenterSite, url_limit
 from metacenter.cluster.antientropy import AntiEntropy
 from metacenter.cluster.auth import PeerAuthenticator, PeerVerdicts
 from metacenter.cluster.discovery import PeerDiscovery
 from metacenter.cluster.replication import PeerClient, Replicator, make_http_client
 from metacenter.cluster.warmstart import StallWatch, WarmStart
+from metacenter.core import fields
+from metacenter.core.limits import CountLimits
 from metacenter.runtime import config as config_module
 from metacenter.runtime import logs
 from metacenter.runtime.node import Readiness, build_node
@@ -202,7 +204,13 @@ def makeService(options, reactor=None):
                       cache_engine_blocks=cfg.cache_engine_blocks, cache_ttl=cfg.cache_ttl,
                       cache_max_blocks=cfg.cache_max_blocks, advertise=",".join(cfg.advertise),
                       registry=registry, readiness=readiness, cooperate=chunk_per_turn(reactor).cooperate,
-                      peer_status=replicator.peer_status, listeners=[replicator.event_accepted])
+                      peer_status=replicator.peer_status, listeners=[replicator.event_accepted],
+                      count_limits=CountLimits(max_clusters=cfg.max_clusters,
+                                               max_engines_per_cluster=cfg.max_engines_per_cluster,
+                                               max_engines=cfg.max_engines, max_requests=cfg.max_requests))
+    fields.set_max_lengths({"request_id": cfg.max_request_id_length, "cluster": cfg.max_cluster_length,
+                            "ip": cfg.max_ip_length, "lease": cfg.max_lease_length},
+                           on_too_long=node.field_too_long)
     api = MetacenterAPI(node, node.metrics)
     if authenticator.enabled:
         api.peer_auth = authenticator
@@ -210,7 +218,7 @@ def makeService(options, reactor=None):
     top = MultiService()
     site = MetacenterSite(api.resource(), max_body=cfg.max_body, access_log=cfg.access_log, reactor=reactor,
                           metrics=node.metrics, request_deadline=cfg.request_deadline, idle_timeout=cfg.idle_timeout,
-                          max_connections=cfg.max_connections)
+                          max_connections=cfg.max_connections, max_url=url_limit(cfg.max_cluster_length))
     APIListener(cfg.listen, site, reactor).setServiceParent(top)
     LagProbe(reactor, lambda lag: node.metrics.reactor_lag.observe((), lag),
              interval=cfg.reactor_lag_interval).setServiceParent(top)
