@@ -11,6 +11,7 @@ import socket
 import urllib.parse
 
 import pytest
+import pytest_twisted
 
 from tests.nodeproc import NodeProcess
 
@@ -242,3 +243,35 @@ def test_peers_events_are_applied_over_the_count_limits_and_counted(small):
         overruns + 1
     assert metric(n, "metacenter_limit_refusals_total", "clusters") == refusals
     assert n.call("DELETE", "/v1/load/stats", {"request_id": "peer-1"})[0] == 200
+
+
+# -- the log line (in process: the node's log events, a task.Clock) -------------------------
+
+
+@pytest.fixture
+def log_events():
+    from twisted.logger import globalLogPublisher
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+@pytest_twisted.inlineCallbacks
+def test_refusals_are_logged_throttled(log_events):
+    from metacenter.core.limits import CountLimits
+    from tests.harness import Harness
+
+    h = Harness()
+    h.node.limits = CountLimits(max_clusters=1)
+    assert (yield h.call_json("POST", "/v1/load/stats", {**ADD, "cluster": "a"}))[0].code == 200
+    for request_id in ("x1", "x2", "x3"):
+        response, answer = yield h.call_json("POST", "/v1/load/stats", {**ADD, "cluster": "b",
+                                                                        "request_id": request_id})
+        assert response.code == 429 and "--max-clusters" in answer["error"]["reason"]
+    lines = [e for e in log_events if e.get("limit") == "clusters"]
+    assert len(lines) == 1 and "refusing clients' adds" in lines[0]["log_format"]
+    h.clock.advance(61)
+    yield h.call_json("POST", "/v1/load/stats", {**ADD, "cluster": "b", "request_id": "x4"})
+    assert len([e for e in log_events if e.get("limit") == "clusters"]) == 2
