@@ -14,8 +14,8 @@ from twisted.internet import task
 
 from metacenter import __version__
 from metacenter.core.cache import CacheIndex
-from metacenter.core.events import (EVENT_ADD, EVENT_CACHE_SAVE, EVENT_DELETE, LoadAdd, LoadDelete,
-                                    ORIGIN_CLIENT)
+from metacenter.core.events import (EVENT_ADD, EVENT_CACHE_SAVE, EVENT_DELETE, EVENT_PROMPT_DELETE, LoadAdd,
+                                    LoadDelete, ORIGIN_CLIENT, ORIGIN_PEER)
 from metacenter.core.load import LoadState
 from metacenter.runtime.metrics import CacheCollector, Metrics
 
@@ -69,10 +69,16 @@ class Node:
       every accepted client mutation (replication); ``event_listeners`` is
       the list, which subscribers may append to.
     - ``advertise``: this node's addresses, for status and snapshots.
+    - ``replication``: a callable returning what ``status()`` shows under
+      ``"stream"`` (this node's replication listener: port, log id, the
+      streams it receives), or None without one; None by default.
+    - ``log_position``: a callable returning ``(log_id, offset)`` of this
+      node's replication log (``ReplicationLog.position``), written in the
+      header of the snapshots it serves; None without a log.
     """
 
     def __init__(self, state, cache, metrics, clock, *, readiness, cooperate, peer_status=_no_peers, listeners=(),
-                 advertise=""):
+                 advertise="", replication=None, log_position=None):
         self.state = state
         self.cache = cache
         self.metrics = metrics
@@ -82,6 +88,8 @@ class Node:
         self.peer_status = peer_status
         self.event_listeners = list(listeners)
         self.advertise = advertise
+        self.replication = replication
+        self.log_position = log_position
         self.started_at_ns = int(time.time() * 1e9)
         self.version = __version__
 
@@ -126,6 +134,53 @@ class Node:
                 listener(event_type, event, trace_id)
         return changed
 
+    def apply_frame(self, events):
+        """A frame of a peer's replication stream: ``events`` is a list of
+        ``(event_type, typed event)`` pairs, already validated
+        (``stream.decode_entries``), applied in order as peer events (never
+        replicated again). Metrics are updated once per frame, not per event:
+        effect counts per type, and the replication latency of the frame's
+        newest timestamp. Returns how many changed the state. An event type
+        without an applier raises ``KeyError`` after the ones before it were
+        applied (the receiver logs and counts it)."""
+        state = self.state
+        add, delete, delete_prompt, save = state.add, state.delete, state.delete_prompt, self.cache.save
+        counts = {}
+        newest = None
+        changed_total = 0
+        for event_type, event in events:
+            if event_type == EVENT_ADD:
+                timestamp = event[4]
+                changed = add(event[0], event[1], event[2], event[3], timestamp)
+            elif event_type == EVENT_DELETE:
+                timestamp = event[1]
+                changed = delete(event[0], timestamp)
+            elif event_type == EVENT_PROMPT_DELETE:
+                timestamp = event[1]
+                changed = delete_prompt(event[0], timestamp)
+            elif event_type == EVENT_CACHE_SAVE:
+                timestamp = None
+                changed = save(event[0], event[2], event[1]) > 0
+            else:
+                # Event types added later (engine resets, leases ...) bring
+                # their own applier: fn(node, event) -> changed.
+                timestamp = None
+                changed = self.peer_appliers[event_type](self, event)
+            if timestamp is not None and (newest is None or timestamp > newest):
+                newest = timestamp
+            key = (event_type, changed)
+            counts[key] = counts.get(key, 0) + 1
+            changed_total += changed
+        metrics = self.metrics
+        for (event_type, changed), count in counts.items():
+            metrics.events.inc((event_type, ORIGIN_PEER, "applied" if changed else "no_change"), count)
+        if newest is not None:
+            metrics.observe_event_timestamp(newest, self.clock.seconds())
+        return changed_total
+
+    # Appliers of peer event types beyond the four above, by event type.
+    peer_appliers = {}
+
     def save_cache(self, event, trace_id=None, origin=ORIGIN_CLIENT):
         """Engine ``ip`` now holds the KV cache of ``prompt_hash``'s prefixes;
         ``event`` is (cluster, hashes, ip) from ``cache.parse_cache_save``.
@@ -162,6 +217,7 @@ class Node:
             "engines": state.engine_count,
             "clusters": len(state.clusters),
             "peers": self.peer_status(),
+            **({"stream": stream} if (stream := self.replication and self.replication()) else {}),
             "digest": {name: {"live": c.live, "digest": format(c.digest, "016x")}
                        for name, c in state.clusters.items()},
         }
@@ -177,7 +233,7 @@ class Node:
 
 def build_node(clock, *, request_expire=660.0, tombstone_ttl=60.0, cache_engine_blocks=None, cache_ttl=None,
                cache_max_blocks=None, advertise="", registry=None, readiness=None, cooperate=None,
-               peer_status=_no_peers, listeners=()):
+               peer_status=_no_peers, listeners=(), replication=None, log_position=None):
     """A node with its load table, KV-cache index and metrics wired together:
     the one place that does it (makeService, in-process tests).
 
@@ -185,7 +241,8 @@ def build_node(clock, *, request_expire=660.0, tombstone_ttl=60.0, cache_engine_
     series (a new one if None). ``readiness``: a ``Readiness`` (ready if
     None). ``cooperate``: the cooperator for big jobs (Twisted's global one if
     None; a process passes ``turns.chunk_per_turn(reactor).cooperate``).
-    ``peer_status`` and ``listeners`` as for ``Node``.
+    ``peer_status``, ``listeners``, ``replication`` and ``log_position`` as
+    for ``Node``.
     """
     state = LoadState(clock, request_expire=request_expire, tombstone_ttl=tombstone_ttl)
     metrics = Metrics(state, registry)
@@ -197,4 +254,4 @@ def build_node(clock, *, request_expire=660.0, tombstone_ttl=60.0, cache_engine_
     metrics.registry.register(CacheCollector(cache))
     return Node(state, cache, metrics, clock, readiness=readiness if readiness is not None else Readiness(),
                 cooperate=cooperate if cooperate is not None else task.cooperate, peer_status=peer_status,
-                listeners=listeners, advertise=advertise)
+                listeners=listeners, advertise=advertise, replication=replication, log_position=log_position)
