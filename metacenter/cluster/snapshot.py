@@ -66,6 +66,16 @@ def state_chunks(node, clusters=None, tombstones=True, cache=True, keep=None):
         header["log"], header["offset"] = position()
     yield _lines([header])
     counts = {"requests": 0, "tombstones": 0, "cache_engines": 0}
+    # Tombstones before requests: an event arriving during the walk only
+    # moves an entry from the tombstones to the requests (an add meeting a
+    # prompt tombstone) or to a delete tombstone (which needs no snapshot:
+    # its request is gone everywhere). The other order would lose a prompt
+    # tombstone turned into a request after the requests were walked, with
+    # nothing in the log after the header's offset to bring it back.
+    if tombstones:
+        for looked in in_chunks(state.iter_tombstones(), CHUNK):
+            counts["tombstones"] += len(looked)
+            yield _lines(["t", request_id, kind, created_s] for request_id, kind, created_s in looked)
     for looked in in_chunks(state.iter_requests(), CHUNK):
         if clusters is not None:
             looked = [r for r in looked if r[1] in clusters]
@@ -73,10 +83,6 @@ def state_chunks(node, clusters=None, tombstones=True, cache=True, keep=None):
             looked = [r for r in looked if keep(r)]
         counts["requests"] += len(looked)
         yield _lines(record_entry(r) for r in looked)
-    if tombstones:
-        for looked in in_chunks(state.iter_tombstones(), CHUNK):
-            counts["tombstones"] += len(looked)
-            yield _lines(["t", request_id, kind, created_s] for request_id, kind, created_s in looked)
     if cache and clusters is None:
         for looked in in_chunks(node.cache.iter_snapshot(), max(1, CHUNK // 100)):
             counts["cache_engines"] += len(looked)
