@@ -256,3 +256,67 @@ async def test_a_mixed_cluster_of_stream_nodes_a_previous_version_and_a_referenc
     finally:
         await mixed.stop()
         await dns.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_rolling_upgrade_and_rollback_switch_a_peer_between_http_and_the_stream():
+    """A peer restarted with the stream gets it at the next probe; restarted
+    without it again (a rollback), its streaming peer goes back to HTTP,
+    taking along what the peer had not acknowledged."""
+    dns = DnsServer.start()
+    pair = Cluster(dns, None)
+    a_port, b_port = shared_port(), shared_port()
+    host_a, host_b = HOSTS[0], HOSTS[1]
+
+    def node(host, port, peer, *args):
+        return NodeProcess(host, port, "--peer", peer, "--advertise", host, "--cluster-secret", "rolling",
+                           "--replica-probe-interval", "1s", *STREAM_ARGS, *args)
+
+    def node_b(*args):
+        return node(host_b, b_port, f"{host_a}:{a_port}", *args)
+
+    pair.nodes = [node(host_a, a_port, f"{host_b}:{b_port}"), node_b("--replication-listen", "none")]
+    rng = random.Random(25)
+    truth = Truth()
+    clusters = ["rolling"]
+
+    async def mode_of_b():
+        return stream_peers(await pair.status(pair.nodes[0]))[host_b]["mode"]
+
+    async def wait_mode(mode):
+        deadline = time.monotonic() + CONVERGENCE_DEADLINE
+        while (current := await mode_of_b()) != mode:
+            assert time.monotonic() < deadline, current
+            await task.deferLater(reactor, 0.1, lambda: None)
+
+    async def restart_b(*args):
+        await threads.deferToThread(pair.nodes[1].stop)
+        pair.nodes[1] = node_b(*args)
+        await pair.start(1)
+
+    try:
+        await defer.gatherResults([pair.start(0), pair.start(1)], consumeErrors=True)
+        await pair.run_ops(make_ops(rng, "old", 300, clusters), pair.nodes, rng, truth)
+        await pair.wait_converged(pair.nodes, clusters, truth)
+        assert await mode_of_b() == "batch"
+
+        # The upgrade: B now has a stream; A finds it at its next probe.
+        await restart_b()
+        await wait_mode("stream")
+        await pair.run_ops(make_ops(rng, "upgraded", 300, clusters), pair.nodes, rng, truth)
+        await pair.wait_converged(pair.nodes, clusters, truth)
+        assert all(p["mode"] == "stream" for p in (await pair.status(pair.nodes[1]))["peers"])
+
+        # The rollback: B without a stream again, and writes to A meanwhile.
+        await threads.deferToThread(pair.nodes[1].stop)
+        await pair.run_ops(make_ops(rng, "while-down", 200, clusters), pair.nodes[:1], rng, truth)
+        pair.nodes[1] = node_b("--replication-listen", "none")
+        await pair.start(1)
+        await wait_mode("batch")
+        await pair.run_ops(make_ops(rng, "rolled-back", 300, clusters), pair.nodes, rng, truth)
+        await pair.wait_converged(pair.nodes, clusters, truth)
+        assert await metric(pair, pair.nodes[0], "metacenter_stream_http_fallbacks_total") == 1
+        assert "back to HTTP replication with the" in pair.nodes[0].log()
+    finally:
+        await pair.stop()
+        await dns.stop()
