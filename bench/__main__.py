@@ -34,9 +34,9 @@ import traceback
 from bench import http_load, report, servers, workload, wrk
 
 SECTIONS = ("gateway", "endpoints", "cache", "halfrate", "rss", "replication", "memory_state", "cache_index",
-            "loadgen_check")
+            "loadgen_check", "cluster")
 # Sections that other modules of bench/ provide (see run_plugin).
-PLUGINS = ("replication", "memory_state", "cache_index")
+PLUGINS = ("replication", "memory_state", "cache_index", "cluster")
 
 CLUSTER = "bench"
 ENGINES = 50

@@ -307,6 +307,18 @@ def decode_entries(payload, count, types=None):
     return events, rejected, first
 
 
+def _no_delay(transport):
+    """Frames and acks are small writes that must leave at once: with Nagle's
+    algorithm a frame can wait for the ack of the previous one, which the
+    other side's delayed ACK holds back for tens of milliseconds."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except OSError:
+            pass
+
+
 # -- receiver ----------------------------------------------------------------------
 
 
@@ -328,6 +340,7 @@ class ReceiverProtocol(Int32StringReceiver):
 
     def connectionMade(self):
         self.factory.connections_made += 1
+        _no_delay(self.transport)
         self._timeout = self.factory.clock.callLater(self.factory.handshake_timeout, self._handshake_timed_out)
 
     def _handshake_timed_out(self):
@@ -610,6 +623,7 @@ class SenderProtocol(Int32StringReceiver):
         self._timeout = None
 
     def connectionMade(self):
+        _no_delay(self.transport)
         link = self.link
         owner = link.owner
         self._timeout = owner.clock.callLater(owner.handshake_timeout, self._handshake_timed_out)
