@@ -30,6 +30,7 @@ from console.views import (
     overview_rows,
     peer_columns,
     sort_rows,
+    stream_summary,
 )
 
 
@@ -366,6 +367,9 @@ class NodesScreen(DataScreen):
             return
         peers = snapshot.status.peers
         title.update(Text(f"Peers seen by {target_label(target)}: {len(peers)}", style="bold"))
+        streams = [p for p in peers if p.streaming]
+        if streams:
+            title.append(f"\nStreams: {stream_summary(streams)}", style="none")
         fill_table(table, peer_columns(), sorted(peers, key=lambda p: p.peer), lambda p: p.peer)
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted):
