@@ -326,8 +326,43 @@ def measure(quick, seconds, log, pin=True, sizes=(1, 3, 5)):
     if "error" in outcome:
         raise RuntimeError(outcome["error"])
     outcome["in_process"] = micro(log)
+    outcome["model"] = model(outcome["paced"], outcome["in_process"])
     outcome["summary"] = summary(outcome)
     return outcome
+
+
+def model(paced, in_process):
+    """The cost model of docs/scaling.md fitted to the paced runs: CPU per
+    client mutation C(N) = c_node + (N - 1) * c_peer, where c_node is the
+    1-node figure and c_peer (per replicated event and peer, sender and
+    receiver together, frames and wake-ups included at the frame sizes of
+    the run) comes from the smallest cluster above one node. Larger
+    measured clusters are then predictions checked against measurements.
+    Predicted: C(N) / C(1), and the saturation rate on one shared core
+    (1 / C(N)) and with a core per node (N / C(N)), in mutations/s."""
+    runs = {p["nodes"]: p for p in paced}
+    one = runs[min(runs)]["cpu_us_per_mutation"]
+    fitted = sorted(n for n in runs if n > 1)
+    if not fitted:
+        return None
+    first = fitted[0]
+    c_peer = (runs[first]["cpu_us_per_mutation"] - one) / (first - 1)
+
+    def cost(n):
+        return one + (n - 1) * c_peer
+
+    out = {"c_node_us": round(one, 1), "c_peer_us": round(c_peer, 1), "fitted_on": [min(runs), first],
+           "in_process_us": {"receiver_per_event": in_process["receiver_us_per_event_frames_of_16"],
+                             "sender_per_event_4_peers": in_process["sender_us_per_event_4_peers_frames_of_16"]},
+           "predictions": []}
+    for n in sorted(set(fitted) | {3, 5, 9, 17}):
+        row = {"nodes": n, "ratio": round(cost(n) / one, 2),
+               "saturation_shared_core_per_s": round(1e6 / cost(n)),
+               "saturation_core_per_node_per_s": round(n * 1e6 / cost(n))}
+        if n in runs:
+            row["measured_ratio"] = round(runs[n]["cpu_us_per_mutation"] / one, 2)
+        out["predictions"].append(row)
+    return out
 
 
 def summary(r):
@@ -341,6 +376,13 @@ def summary(r):
     m = r["in_process"]
     parts.append(f"receiver {m['receiver_us_per_event_frames_of_16']:.1f} µs/event (frames of 16), sender "
                  f"{m['sender_us_per_event_4_peers_frames_of_16']:.1f} µs/event for 4 peers")
+    fit = r.get("model")
+    if fit:
+        parts.append(f"model C(N) = {fit['c_node_us']:.0f} + (N - 1) × {fit['c_peer_us']:.0f} µs, predicting "
+                     + ", ".join(f"{p['nodes']} nodes {p['ratio']:.2f}x"
+                                 + (f" (measured {p['measured_ratio']:.2f}x)" if "measured_ratio" in p else "")
+                                 + f" and {p['saturation_shared_core_per_s']:,} mutations/s on one core"
+                                 for p in fit["predictions"]))
     return "; ".join(parts)
 
 
