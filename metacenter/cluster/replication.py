@@ -832,6 +832,8 @@ class StreamOrHttp(Service):
             self._checking.add(peer)
             d = self.client.request("GET", peer, STATUS_PATH)
             d.addBoth(self._checked, peer, link)
+            d.addErrback(lambda f: log.failure("moving {peer} back to HTTP replication failed", f,
+                                               peer=format_peer(peer)))
 
     # -- probing -------------------------------------------------------------------
 
@@ -854,8 +856,15 @@ class StreamOrHttp(Service):
         self._probes.pop(peer, None)
         if peer not in self.modes or not self.running:
             return
-        d = self._probes[peer] = self.client.request("GET", peer, STATUS_PATH)
+        try:
+            d = self._probes[peer] = self.client.request("GET", peer, STATUS_PATH)
+        except Exception:
+            log.failure("asking {peer} for its replication stream failed", peer=format_peer(peer))
+            self._schedule_probe(peer, self.probe_interval)
+            return
         d.addBoth(self._probed, peer)
+        d.addErrback(lambda f: log.failure("switching {peer} to its replication stream failed", f,
+                                           peer=format_peer(peer)))
 
     def _probed(self, result, peer):
         if self._probes.get(peer) is not None and isinstance(self._probes[peer], defer.Deferred):
@@ -887,6 +896,12 @@ class StreamOrHttp(Service):
 
     def _retire(self, peer):
         """The HTTP link of a peer now streaming goes once it sent what it held."""
+        try:
+            self._retire_now(peer)
+        except Exception:
+            log.failure("retiring the HTTP replication link of {peer} failed", peer=format_peer(peer))
+
+    def _retire_now(self, peer):
         link = self.http.links.get(peer)
         if link is None or self.modes.get(peer) != MODE_STREAM:
             return
