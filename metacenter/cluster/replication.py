@@ -787,6 +787,7 @@ class StreamOrHttp(Service):
         self._fed = ()  # HTTP links that get new events
         self._probes = {}  # peer -> DelayedCall or Deferred of the next/current status request
         self._checking = set()  # streaming peers being asked whether they still stream
+        self._series = {}  # stream peer name -> its metacenter_replication_* children
         self.fallbacks = 0  # times a streaming peer went back to HTTP
         self.upgrades = 0  # times an HTTP peer moved to the stream
 
@@ -810,6 +811,8 @@ class StreamOrHttp(Service):
         for peer in left:
             mode = self.modes.pop(peer, None)
             self.ports.pop(peer, None)
+            if self._series.pop(format_peer(peer), None) is not None:
+                self.http.metrics.forget(format_peer(peer))
             self._cancel_probe(peer)
             if mode == MODE_STREAM:
                 self.stream.peers_changed((), (peer,))
@@ -823,6 +826,37 @@ class StreamOrHttp(Service):
             if self.running:
                 self._probe(peer)
         self._refeed()
+
+    def stream_acked(self, link, events, lag_seconds):
+        """``StreamReplicator(on_ack=)``: a stream peer's acknowledgement also
+        feeds the ``metacenter_replication_*`` series (events sent, lag,
+        "batch" size, queue depth) that dashboards and alerts read, whatever
+        carries the events. Once per acknowledgement, not per event."""
+        children = self._series.get(link.name)
+        if children is None:
+            children = self._stream_series(link.name)
+        sent, lag, batch_size = children
+        sent.inc(events)
+        lag.observe(lag_seconds)
+        batch_size.observe(events)
+
+    def _stream_series(self, name):
+        m = self.http.metrics
+        # The series of a streaming peer exist like an HTTP peer's (a stream
+        # drops nothing; a peer that fell behind counts as a repair instead).
+        m.failed.labels(name)
+        m.dropped.labels(name)
+        m.batch_mode.labels(name).set(1)
+        # Read when scraped: a peer that stopped acknowledging shows a growing queue.
+        m.queue_depth.labels(name).set_function(lambda: self._stream_lag(name))
+        children = self._series[name] = (m.sent.labels(name), m.lag.labels(name), m.batch_size.labels(name))
+        return children
+
+    def _stream_lag(self, name):
+        for link in self.stream.links.values():
+            if link.name == name:
+                return link.lag_events()
+        return 0
 
     def on_stream_failure(self, link, reason):
         """``StreamReplicator(on_failure=)``: after repeated failures, ask the
@@ -909,7 +943,8 @@ class StreamOrHttp(Service):
             self._probes[peer] = self.clock.callLater(RETIRE_CHECK, self._retire, peer)
             return
         self._probes.pop(peer, None)
-        self.http.peers_changed((), (peer,))
+        self.http.peers_changed((), (peer,))  # forgets the peer's series: made again for its stream
+        self._stream_series(format_peer(peer))
 
     def _checked(self, result, peer, link):
         self._checking.discard(peer)
@@ -935,6 +970,8 @@ class StreamOrHttp(Service):
                  status=status, count=len(events))
         self.modes[peer] = MODE_BATCH
         self.ports.pop(peer, None)
+        if self._series.pop(format_peer(peer), None) is not None:
+            self.http.metrics.forget(format_peer(peer))  # its HTTP link makes them again
         self.stream.peers_changed((), (peer,))
         self._cancel_probe(peer)
         if peer not in self.http.links:

@@ -104,6 +104,7 @@ class _Streams:
         self.log = ReplicationLog(reactor, capacity=cfg.replication_log_capacity)
         self.anti_entropy = None  # set once built: repairs go through it
         self.lag = None  # the sender's ack-lag histogram, set with the metrics
+        self.replicator = None  # the StreamOrHttp, which also feeds the HTTP replication series
         self.sender = StreamReplicator(self.log, node_id, secrets, reactor, None, window=cfg.replication_window,
                                        on_repair=self._repair, on_ack=self._acked)
         self.receiver = None
@@ -125,6 +126,8 @@ class _Streams:
     def _acked(self, link, events, lag_seconds):
         if self.lag is not None:
             self.lag.observe((link.name,), lag_seconds)
+        if self.replicator is not None:
+            self.replicator.stream_acked(link, events, lag_seconds)
 
     def status(self):
         """``/v1/node/status``'s ``stream``: where peers connect, this node's
@@ -188,6 +191,7 @@ def makeService(options, reactor=None):
                                   probe_interval=cfg.replica_probe_interval)
         streams.sender.connect = replicator.endpoint(reactor, cfg.replica_dial_timeout)
         streams.sender.on_failure = replicator.on_stream_failure
+        streams.replicator = replicator
     node = build_node(reactor, request_expire=cfg.request_expire, tombstone_ttl=cfg.tombstone_ttl,
                       cache_engine_blocks=cfg.cache_engine_blocks, cache_ttl=cfg.cache_ttl,
                       cache_max_blocks=cfg.cache_max_blocks, advertise=advertise,
