@@ -1,7 +1,15 @@
 """Replication stream peers in the nodes screen's model and summary line."""
 
+import dataclasses
+
+import pytest
+
+from console.app import ConsoleApp
 from console.model import Peer
 from console.views import stream_summary
+from fixed_data import NOW, TARGETS, FixedSource, node_snapshots
+from helpers import static_text
+from screenshots import SIZE
 
 STREAM = {"peer": "10.0.0.6:8080", "mode": "stream", "connected": True, "lag_events": 12, "lag_ms": 3.5,
           "window": 2, "frames_sent": 1500, "events_sent": 24000, "bytes_sent": 3 * 2**20, "reconnects": 3,
@@ -30,3 +38,20 @@ def test_the_summary_line_adds_up_the_streams_and_names_each_peer():
     line = stream_summary([Peer.parse(STREAM), Peer.parse(other)])
     assert line.startswith("3 frames in flight, 3 reconnects (2 resumed, 1 repairs), 2,000 frames / 4")
     assert "10.0.0.6:8080: lag 12 events" in line and "10.0.0.7:8080: lag 0 events" in line
+
+
+@pytest.mark.asyncio
+async def test_the_nodes_screen_shows_the_stream_figures_under_the_peers_title():
+    a, b, c = node_snapshots()
+    streaming = Peer.parse(STREAM)
+    a = dataclasses.replace(a, status=dataclasses.replace(a.status, peers=(streaming,) + a.status.peers[1:]))
+    app = ConsoleApp(FixedSource([a, b, c]), interval=None, clock=lambda: NOW)
+    app.state.set_targets(TARGETS)
+    for snapshot in (a, b, c):
+        app.state.absorb(snapshot)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("n")
+        await pilot.pause()
+        text = static_text(app.screen, "#peers-title")
+    assert "Streams: 2 frames in flight, 3 reconnects (2 resumed, 1 repairs), 1,500 frames / 3" in text, text
+    assert "10.0.0.6:8080: lag 12 events" in text
