@@ -725,6 +725,10 @@ MODE_STREAM = "stream"
 STATUS_PATH = "/v1/node/status"
 STATUS_RETRY = 1.0  # seconds before asking an unreachable peer again whether it streams
 FALLBACK_FAILURES = 3  # failed stream connections before asking the peer whether it still streams
+# Failed stream connections to a peer after its status answered with an open
+# stream on the same port, before it is taken to be unreachable there (a
+# firewall, a wrong --replication-port) and goes to HTTP until the next probe.
+UNREACHABLE_FAILURES = 6
 RETIRE_CHECK = 0.5  # seconds between checks whether a retired HTTP link has sent what it held
 
 
@@ -732,11 +736,22 @@ def stream_port(content):
     """The replication port a peer reports in its ``GET /v1/node/status``
     answer (``data.stream.port``), or None (no stream: an older version, a
     reference node, a node with ``--replication-listen none``)."""
+    info = stream_info(content)
+    return info[0] if info is not None else None
+
+
+def stream_info(content):
+    """``(port, open)`` from a peer's ``GET /v1/node/status`` answer, or
+    None without a stream; ``open`` is False while the peer is warming up
+    (its listener closes connections until then)."""
     try:
-        port = json.loads(content)["data"]["stream"]["port"]
+        stream = json.loads(content)["data"]["stream"]
+        port = stream["port"]
     except (ValueError, KeyError, TypeError):
         return None
-    return port if type(port) is int and 0 < port < 65536 else None
+    if type(port) is not int or not 0 < port < 65536:
+        return None
+    return port, stream.get("open") is not False
 
 
 class _PeerEndpoint:
@@ -763,10 +778,11 @@ class StreamOrHttp(Service):
     moves to the stream (from the log's end then: its HTTP link sends what it
     queued before and is retired). A streaming peer whose connections fail
     ``FALLBACK_FAILURES`` times is asked again: if it answers without a
-    stream (rolled back to an older version), the entries it has not
-    acknowledged are decoded from the log into its HTTP link and it goes back
-    to HTTP; a peer that does not answer at all is down, and its cursor
-    waits in the log. An HTTP peer is asked again every ``probe_interval``
+    stream (rolled back to an older version), or with an open stream on the
+    same port that failed ``UNREACHABLE_FAILURES`` more times since it was
+    first seen open (a firewall, a wrong ``--replication-port``), the entries it has not acknowledged are decoded from the
+    log into its HTTP link and it goes back to HTTP; a peer that does not
+    answer at all is down, and its cursor waits in the log. An HTTP peer is asked again every ``probe_interval``
     seconds.
 
     ``event_accepted``, ``peers_changed``, ``peer_status`` and ``drain`` are
@@ -787,6 +803,7 @@ class StreamOrHttp(Service):
         self._fed = ()  # HTTP links that get new events
         self._probes = {}  # peer -> DelayedCall or Deferred of the next/current status request
         self._checking = set()  # streaming peers being asked whether they still stream
+        self._open_seen = {}  # peer -> (port, its link's failures) when first seen open on that port
         self._series = {}  # stream peer name -> its metacenter_replication_* children
         self.fallbacks = 0  # times a streaming peer went back to HTTP
         self.upgrades = 0  # times an HTTP peer moved to the stream
@@ -811,6 +828,7 @@ class StreamOrHttp(Service):
         for peer in left:
             mode = self.modes.pop(peer, None)
             self.ports.pop(peer, None)
+            self._open_seen.pop(peer, None)
             if self._series.pop(format_peer(peer), None) is not None:
                 self.http.metrics.forget(format_peer(peer))
             self._cancel_probe(peer)
@@ -951,13 +969,23 @@ class StreamOrHttp(Service):
         if isinstance(result, Failure) or self.modes.get(peer) != MODE_STREAM:
             return  # down: its cursor waits in the log
         status, content = result
-        port = stream_port(content) if status == 200 else None
-        if port is not None:
-            self.ports[peer] = port  # the next attempt dials it
+        info = stream_info(content) if status == 200 else None
+        if info is None:
+            self._to_http(peer, link, f"it has no replication stream any more (HTTP {status} on its status)")
             return
-        self._to_http(peer, link, status)
+        port, is_open = info
+        self.ports[peer] = port  # the next attempt dials it
+        seen = self._open_seen.get(peer)
+        if not is_open:
+            self._open_seen.pop(peer, None)  # warming up: its listener turns connections away for now
+        elif seen is None or seen[0] != port or link.failures < seen[1]:
+            # Only failures from now on count: earlier ones may have been
+            # against a process that was down, warming up, or on another port.
+            self._open_seen[peer] = (port, link.failures)
+        elif link.failures - seen[1] >= UNREACHABLE_FAILURES:
+            self._to_http(peer, link, f"its replication stream does not work from here ({link.last_error})")
 
-    def _to_http(self, peer, link, status):
+    def _to_http(self, peer, link, why):
         """Back to HTTP, taking along what the peer has not acknowledged."""
         log_ = self.stream.log
         cursor = link.cursor
@@ -965,11 +993,12 @@ class StreamOrHttp(Service):
         entries = log_.entries(start, log_.end)
         events, _, _ = decode_entries(b"[" + b",".join(entries) + b"]", len(entries))
         self.fallbacks += 1
-        log.warn("peer {peer} has no replication stream any more (HTTP {status} on its status): back to HTTP "
-                 "replication with the {count} events it had not acknowledged", peer=format_peer(peer),
-                 status=status, count=len(events))
+        log.warn("peer {peer}: {why}; back to HTTP replication with the {count} events it had not "
+                 "acknowledged, asking again in {probe:g} s", peer=format_peer(peer), why=why, count=len(events),
+                 probe=self.probe_interval)
         self.modes[peer] = MODE_BATCH
         self.ports.pop(peer, None)
+        self._open_seen.pop(peer, None)
         if self._series.pop(format_peer(peer), None) is not None:
             self.http.metrics.forget(format_peer(peer))  # its HTTP link makes them again
         self.stream.peers_changed((), (peer,))

@@ -324,3 +324,37 @@ async def test_a_rolling_upgrade_and_rollback_switch_a_peer_between_http_and_the
     finally:
         await pair.stop()
         await dns.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_peer_whose_stream_cannot_be_reached_gets_http_replication():
+    """A dials a port where nothing listens (``--replication-port``, as with
+    a firewall in between): B's status says its stream is open, so after
+    repeated failures A replicates to B over HTTP; B streams to A."""
+    dns = DnsServer.start()
+    pair = Cluster(dns, None)
+    a_port, b_port = shared_port(), shared_port()
+    host_a, host_b = HOSTS[0], HOSTS[1]
+    closed = shared_port()
+    pair.nodes = [
+        NodeProcess(host_a, a_port, "--peer", f"{host_b}:{b_port}", "--advertise", host_a, *STREAM_ARGS,
+                    "--replication-port", str(closed)),
+        NodeProcess(host_b, b_port, "--peer", f"{host_a}:{a_port}", "--advertise", host_b, *STREAM_ARGS),
+    ]
+    rng = random.Random(26)
+    truth = Truth()
+    clusters = ["unreachable"]
+    try:
+        await defer.gatherResults([pair.start(0), pair.start(1)], consumeErrors=True)
+        deadline = time.monotonic() + CONVERGENCE_DEADLINE
+        while stream_peers(await pair.status(pair.nodes[0]))[host_b]["mode"] != "batch" or \
+                await metric(pair, pair.nodes[0], "metacenter_stream_http_fallbacks_total") < 1:
+            assert time.monotonic() < deadline, await pair.status(pair.nodes[0])
+            await task.deferLater(reactor, 0.1, lambda: None)
+        await pair.run_ops(make_ops(rng, "unreachable", 300, clusters), pair.nodes, rng, truth)
+        await pair.wait_converged(pair.nodes, clusters, truth)
+        assert stream_peers(await pair.status(pair.nodes[1]))[host_a]["mode"] == "stream"
+        assert "its replication stream does not work from here" in pair.nodes[0].log()
+    finally:
+        await pair.stop()
+        await dns.stop()
