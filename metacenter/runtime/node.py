@@ -153,11 +153,11 @@ class Node:
                 timestamp = event[4]
                 changed = add(event[0], event[1], event[2], event[3], timestamp)
             elif event_type == EVENT_DELETE:
-                timestamp = event[1]
-                changed = delete(event[0], timestamp)
+                timestamp = event[1]  # for the latency metric only: deletes ignore it
+                changed = delete(event[0])
             elif event_type == EVENT_PROMPT_DELETE:
                 timestamp = event[1]
-                changed = delete_prompt(event[0], timestamp)
+                changed = delete_prompt(event[0])
             elif event_type == EVENT_CACHE_SAVE:
                 timestamp = None
                 changed = save(event[0], event[2], event[1]) > 0
