@@ -156,6 +156,14 @@ def endpoint_description(text):
     return text
 
 
+def replication_endpoint(text):
+    """``auto`` (the interface of --listen, a port the system picks), ``none``
+    (no stream: HTTP replication only, as before) or a server endpoint."""
+    if isinstance(text, str) and text.strip().lower() in ("auto", "none"):
+        return text.strip().lower()
+    return endpoint_description(text)
+
+
 def text_value(text):
     if not isinstance(text, str):
         raise ValueError(f"expected a string, got {text!r}")
@@ -310,6 +318,19 @@ SETTINGS = (
     Setting("replica-probe-interval", positive_duration, 60.0,
             "How often a peer without the batch endpoint (a reference node) is asked again for batches.",
             env=("METACENTER_REPLICA_PROBE_INTERVAL",)),
+    Setting("replication-listen", replication_endpoint, "auto",
+            "Twisted endpoint of the replication stream listener (e.g. tcp:7070, ssl:7070:...); 'auto': the "
+            "interface of --listen on a port the system picks (peers learn it from /v1/node/status); 'none': no "
+            "stream, HTTP replication only (as before).", env=("METACENTER_REPLICATION_LISTEN",)),
+    Setting("replication-port", port_number, None,
+            "Port of the peers' replication listeners (when a Service or firewall maps it); default: the port "
+            "each peer reports on /v1/node/status.", env=("METACENTER_REPLICATION_PORT",)),
+    Setting("replication-window", positive_int, 4,
+            "Replication frames sent to a peer and not yet acknowledged, at most.",
+            env=("METACENTER_REPLICATION_WINDOW",)),
+    Setting("replication-log-capacity", positive_int, 200000,
+            "Events the replication log holds; a peer further behind needs a repair (anti-entropy).",
+            env=("METACENTER_REPLICATION_LOG_CAPACITY",)),
     Setting("anti-entropy-interval", positive_duration, 10.0,
             "How often a node compares its state digests with every peer and repairs differences.",
             env=("METACENTER_ANTI_ENTROPY_INTERVAL",)),

@@ -168,6 +168,81 @@ class HistogramFamily:
         yield family
 
 
+STREAM_LAG_BUCKETS_S = (0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25,
+                        0.5, 1, 2.5, 5, 10, 30)
+
+
+class StreamCollector:
+    """The replication stream's series, read at scrape time from the plain
+    counters of the sender's links (per peer), the receiver and the log."""
+
+    _PEER_COUNTERS = (
+        ("frames_sent", "metacenter_stream_frames_sent", "Frames sent to a peer."),
+        ("events_sent", "metacenter_stream_events_sent", "Events sent to a peer (in frames)."),
+        ("bytes_sent", "metacenter_stream_sent_bytes", "Bytes sent to a peer on its stream."),
+        ("reconnects", "metacenter_stream_reconnects", "Stream connections to a peer after its first."),
+        ("resumes", "metacenter_stream_resumes", "Reconnections that resumed at the peer's acknowledged offset."),
+        ("fresh_starts", "metacenter_stream_fresh_starts",
+         "Connections to a peer that did not know this log (it or this node restarted)."),
+        ("repairs", "metacenter_stream_repairs",
+         "Times a peer fell behind the log: entries it lacked were gone, anti-entropy repairs it."),
+        ("rejected", "metacenter_stream_rejected_events", "Events a peer refused as invalid."),
+    )
+    _RECEIVER_COUNTERS = (
+        ("frames", "metacenter_stream_received_frames", "Frames received from peers."),
+        ("events", "metacenter_stream_received_events", "Valid events received from peers (applied)."),
+        ("rejected", "metacenter_stream_received_rejected_events", "Events from peers refused as invalid."),
+        ("bytes", "metacenter_stream_received_bytes", "Bytes received on replication streams."),
+        ("gaps", "metacenter_stream_received_gaps", "Gaps announced by senders (this node needed a repair)."),
+        ("skipped", "metacenter_stream_received_skipped_events", "Events lost in announced gaps."),
+        ("handshake_failures", "metacenter_stream_handshake_failures",
+         "Incoming stream connections refused during the handshake (bad secret, replay, protocol)."),
+        ("apply_errors", "metacenter_stream_apply_errors", "Frames whose application failed (a bug)."),
+    )
+
+    def __init__(self, streams, replicator):
+        self.streams = streams
+        self.replicator = replicator
+
+    def collect(self):
+        sender, receiver, log = self.streams.sender, self.streams.receiver, self.streams.log
+        links = list(sender.links.values())
+        gauges = (
+            (GaugeMetricFamily("metacenter_stream_lag_events", "Events appended and not yet acknowledged by a peer.",
+                               labels=["peer"]), lambda link: link.lag_events()),
+            (GaugeMetricFamily("metacenter_stream_lag_seconds",
+                               "Age of the oldest event a peer has not acknowledged (0 when none).",
+                               labels=["peer"]), lambda link: link.lag_seconds()),
+            (GaugeMetricFamily("metacenter_stream_window_frames", "Frames sent to a peer and not yet acknowledged.",
+                               labels=["peer"]), lambda link: link.window_in_use()),
+            (GaugeMetricFamily("metacenter_stream_connected", "1 while the stream to a peer is established.",
+                               labels=["peer"]), lambda link: 1 if link.connected else 0),
+        )
+        for family, read in gauges:
+            for link in links:
+                family.add_metric([link.name], read(link))
+            yield family
+        for attribute, name, help_text in self._PEER_COUNTERS:
+            family = CounterMetricFamily(name, help_text, labels=["peer"])
+            for link in links:
+                family.add_metric([link.name], getattr(link, attribute))
+            yield family
+        if receiver is not None:
+            for attribute, name, help_text in self._RECEIVER_COUNTERS:
+                yield CounterMetricFamily(name, help_text, value=getattr(receiver, attribute))
+            yield GaugeMetricFamily("metacenter_stream_incoming", "Peers streaming to this node now.",
+                                    value=len(receiver.streams))
+        yield GaugeMetricFamily("metacenter_stream_log_entries", "Entries held in the replication log.",
+                                value=len(log))
+        yield GaugeMetricFamily("metacenter_stream_log_bytes", "Encoded bytes held in the replication log.",
+                                value=log.bytes)
+        yield CounterMetricFamily("metacenter_stream_log_evicted", "Entries dropped off the log's tail.",
+                                  value=log.evicted)
+        yield CounterMetricFamily("metacenter_stream_http_fallbacks",
+                                  "Times a streaming peer went back to HTTP replication (no stream any more).",
+                                  value=self.replicator.fallbacks)
+
+
 class Metrics:
     """All series of one node."""
 
@@ -239,6 +314,19 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10), registry=r)
         self.expired = Counter("metacenter_expired", "Entries removed by expiry.", ["kind"], registry=r)
         self._status_labels = {}
+
+    def stream_metrics(self, streams, replicator):
+        """Registers the replication stream's series (``StreamCollector``)
+        and returns the per-peer acknowledgement lag histogram
+        (``metacenter_stream_ack_lag_seconds``: per acknowledgement, the
+        age of the oldest event it acknowledged), to observe
+        ``((peer,), seconds)``."""
+        self.registry.register(StreamCollector(streams, replicator))
+        lag = HistogramFamily("metacenter_stream_ack_lag_seconds",
+                              "Per stream acknowledgement, the age of the oldest event it acknowledged.", ["peer"],
+                              STREAM_LAG_BUCKETS_S)
+        self.registry.register(lag)
+        return lag
 
     def observe_http(self, url, method, status, seconds):
         key = (url, method, status)

@@ -14,8 +14,8 @@ from twisted.internet import task
 
 from metacenter import __version__
 from metacenter.core.cache import CacheIndex
-from metacenter.core.events import (EVENT_ADD, EVENT_CACHE_SAVE, EVENT_DELETE, LoadAdd, LoadDelete,
-                                    ORIGIN_CLIENT)
+from metacenter.core.events import (EVENT_ADD, EVENT_CACHE_SAVE, EVENT_DELETE, EVENT_PROMPT_DELETE, LoadAdd,
+                                    LoadDelete, ORIGIN_CLIENT, ORIGIN_PEER)
 from metacenter.core.limits import CountLimits
 from metacenter.core.load import LoadState
 from metacenter.runtime import logs
@@ -77,10 +77,16 @@ class Node:
     - ``limits``: the ``core.limits.CountLimits`` a client's add must keep
       (the defaults if None); a peer's events are applied over them and
       counted (``metacenter_limit_overruns_total``).
+    - ``replication``: a callable returning what ``status()`` shows under
+      ``"stream"`` (this node's replication listener: port, log id, the
+      streams it receives), or None without one; None by default.
+    - ``log_position``: a callable returning ``(log_id, offset)`` of this
+      node's replication log (``ReplicationLog.position``), written in the
+      header of the snapshots it serves; None without a log.
     """
 
     def __init__(self, state, cache, metrics, clock, *, readiness, cooperate, peer_status=_no_peers, listeners=(),
-                 advertise="", limits=None):
+                 advertise="", limits=None, replication=None, log_position=None):
         self.state = state
         self.cache = cache
         self.metrics = metrics
@@ -92,6 +98,8 @@ class Node:
         self.advertise = advertise
         self.limits = limits if limits is not None else CountLimits()
         self._limits_log = logs.ThrottledLog(logs.logger("metacenter.runtime.limits"), clock, 60.0)
+        self.replication = replication
+        self.log_position = log_position
         self.started_at_ns = int(time.time() * 1e9)
         self.version = __version__
 
@@ -163,6 +171,54 @@ class Node:
         self._limits_log.emit(limit, None, "info", "refused a field longer than its limit: {reason}",
                               reason=error.reason, limit=limit)
 
+    def apply_frame(self, events):
+        """A frame of a peer's replication stream: ``events`` is a list of
+        ``(event_type, typed event)`` pairs, already validated
+        (``stream.decode_entries``), applied in order as peer events (never
+        replicated again). Metrics are updated once per frame, not per event:
+        effect counts per type, and the replication latency of the frame's
+        newest timestamp. Returns how many changed the state. An event type
+        without an applier raises ``KeyError`` after the ones before it were
+        applied (the receiver logs and counts it)."""
+        state = self.state
+        add, delete, delete_prompt, save = state.add, state.delete, state.delete_prompt, self.cache.save
+        counts = {}
+        newest = None
+        changed_total = 0
+        for event_type, event in events:
+            if event_type == EVENT_ADD:
+                self._within_limits(event, ORIGIN_PEER)  # applied anyway; an overrun is counted
+                timestamp = event[4]
+                changed = add(event[0], event[1], event[2], event[3], timestamp)
+            elif event_type == EVENT_DELETE:
+                timestamp = event[1]  # for the latency metric only: deletes ignore it
+                changed = delete(event[0])
+            elif event_type == EVENT_PROMPT_DELETE:
+                timestamp = event[1]
+                changed = delete_prompt(event[0])
+            elif event_type == EVENT_CACHE_SAVE:
+                timestamp = None
+                changed = save(event[0], event[2], event[1]) > 0
+            else:
+                # Event types added later (engine resets, leases ...) bring
+                # their own applier: fn(node, event) -> changed.
+                timestamp = None
+                changed = self.peer_appliers[event_type](self, event)
+            if timestamp is not None and (newest is None or timestamp > newest):
+                newest = timestamp
+            key = (event_type, changed)
+            counts[key] = counts.get(key, 0) + 1
+            changed_total += changed
+        metrics = self.metrics
+        for (event_type, changed), count in counts.items():
+            metrics.events.inc((event_type, ORIGIN_PEER, "applied" if changed else "no_change"), count)
+        if newest is not None:
+            metrics.observe_event_timestamp(newest, self.clock.seconds())
+        return changed_total
+
+    # Appliers of peer event types beyond the four above, by event type.
+    peer_appliers = {}
+
     def save_cache(self, event, trace_id=None, origin=ORIGIN_CLIENT):
         """Engine ``ip`` now holds the KV cache of ``prompt_hash``'s prefixes;
         ``event`` is (cluster, hashes, ip) from ``cache.parse_cache_save``.
@@ -201,6 +257,7 @@ class Node:
             "clusters": len(state.clusters),
             "peers": self.peer_status(),
             "log_level": logs.current_level(),
+            **({"stream": stream} if (stream := self.replication and self.replication()) else {}),
         }
 
     def status(self):
@@ -214,7 +271,7 @@ class Node:
 
 def build_node(clock, *, request_expire=660.0, tombstone_ttl=60.0, cache_engine_blocks=None, cache_ttl=None,
                cache_max_blocks=None, advertise="", registry=None, readiness=None, cooperate=None,
-               peer_status=_no_peers, listeners=(), count_limits=None):
+               peer_status=_no_peers, listeners=(), count_limits=None, replication=None, log_position=None):
     """A node with its load table, KV-cache index and metrics wired together:
     the one place that does it (makeService, in-process tests).
 
@@ -222,8 +279,8 @@ def build_node(clock, *, request_expire=660.0, tombstone_ttl=60.0, cache_engine_
     series (a new one if None). ``readiness``: a ``Readiness`` (ready if
     None). ``cooperate``: the cooperator for big jobs (Twisted's global one if
     None; a process passes ``turns.chunk_per_turn(reactor).cooperate``).
-    ``peer_status`` and ``listeners`` as for ``Node``; ``count_limits`` is
-    its ``limits``.
+    ``peer_status``, ``listeners``, ``replication`` and ``log_position`` as
+    for ``Node``; ``count_limits`` is its ``limits``.
     """
     state = LoadState(clock, request_expire=request_expire, tombstone_ttl=tombstone_ttl)
     metrics = Metrics(state, registry)
@@ -235,4 +292,5 @@ def build_node(clock, *, request_expire=660.0, tombstone_ttl=60.0, cache_engine_
     metrics.registry.register(CacheCollector(cache))
     return Node(state, cache, metrics, clock, readiness=readiness if readiness is not None else Readiness(),
                 cooperate=cooperate if cooperate is not None else task.cooperate, peer_status=peer_status,
-                listeners=listeners, advertise=advertise, limits=count_limits)
+                listeners=listeners, advertise=advertise, limits=count_limits, replication=replication,
+                log_position=log_position)
