@@ -48,6 +48,8 @@ MODE_BATCH = "batch"
 MODE_SINGLE = "single"
 BATCH_PATH = "/v1/replica/batch"
 EVENT_PATH = "/v1/replica/event"
+# Every route a peer signs and checks begins so (api/replica.py).
+PEER_ROUTES = "/v1/replica/"
 
 SEND_ATTEMPTS = 2  # the reference's, per request
 BACKOFF_FIRST = 0.05  # seconds before sending again to a peer after a failed request
@@ -184,10 +186,11 @@ class PeerClient:
             method, "http://" + format_peer(peer) + path, data=body or None,
             headers=self._headers(method, path, body, headers), allow_redirects=False, unbuffered=True)
 
-    def _answered(self, peer, status, content):
-        # Every answer tells whether the peer accepts this node's signature
-        # (a 401 refuses it): the node is not ready while every peer refuses.
-        if self._auth is not None:
+    def _answered(self, peer, path, status, content):
+        # Every answer of a signed peer route tells whether the peer accepts
+        # this node's signature (a 401 refuses it): the node is not ready while
+        # every peer refuses. Other routes (the status probe) check nothing.
+        if self._auth is not None and path.startswith(PEER_ROUTES):
             self._auth.answered(peer, status, content)
         return status, content
 
@@ -195,7 +198,7 @@ class PeerClient:
         """Deferred (status code, body bytes)."""
         d = self._send(method, peer, path, body, headers)
         d.addCallback(lambda response: treq.content(response).addCallback(
-            lambda content: self._answered(peer, response.code, content)))
+            lambda content: self._answered(peer, path, response.code, content)))
         return d.addTimeout(timeout or self.request_timeout, self.clock)
 
     def stream(self, method, peer, path, body=b"", on_line=None, timeout=None, headers=None, answer_timeout=None):
@@ -211,8 +214,9 @@ class PeerClient:
 
         def got_response(response):
             if response.code != 200:
-                return treq.content(response).addCallback(lambda content: self._answered(peer, response.code, content))
-            self._answered(peer, 200, None)
+                return treq.content(response).addCallback(
+                    lambda content: self._answered(peer, path, response.code, content))
+            self._answered(peer, path, 200, None)
             reader = LineReader(on_line)
             response.deliverBody(reader)
             return reader.done.addCallback(lambda _: (200, None))
@@ -732,6 +736,7 @@ class Replicator(Service):
 
 MODE_STREAM = "stream"
 STATUS_PATH = "/v1/node/status"
+
 STATUS_RETRY = 1.0  # seconds before asking an unreachable peer again whether it streams
 FALLBACK_FAILURES = 3  # failed stream connections before asking the peer whether it still streams
 # Failed stream connections to a peer after its status answered with an open
