@@ -27,6 +27,12 @@ places them (``WORKLOAD_CLUSTERS``).
    64 (decode, validate, ``Node.apply_frame``) and the sender's per event for
    4 peers (append, one frame per peer written to a transport).
 
+The client costs the load generator about twice the CPU per call of a bare
+twisted.web Agent request (treq's URL parsing, cookie and redirect
+wrappers; see docs/client.md): on a busy machine whose generator cannot
+keep ``RATE``, the paced runs report the rate they reached. The nodes' CPU
+per mutation, what the runs compare, does not depend on the client.
+
 CPU figures are process CPU, not wall time; a shared, busy machine perturbs
 them (cache, frequency, steal), so compare figures from the same run.
 """
