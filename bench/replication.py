@@ -92,7 +92,7 @@ def measure(quick, seconds, log, sender_args=(), pin=True):
     from twisted.web.client import Agent, HTTPConnectionPool
     from twisted.web.http_headers import Headers
 
-    from metacenter.cluster.replication import BytesProducer
+    from metacenter.bodyproducer import BytesProducer
     import treq
 
     cores = servers.Cores(pin=pin)

@@ -34,9 +34,10 @@ from twisted.internet import defer, task
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
+from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
+from metacenter.bodyproducer import BytesProducer
 from metacenter.cluster.discovery import format_peer
 from metacenter.cluster.stream import decode_entries
 from metacenter.core.events import EVENT_ADD, EVENT_CACHE_SAVE, LOAD_EVENT_TYPES
@@ -74,29 +75,6 @@ def event_body(event_type, event):
         return {"cluster": event.cluster, "request_id": event.request_id, "ip": event.ip,
                 "prompt_length": event.prompt_length, "timestamp": event.timestamp}
     return {"request_id": event.request_id, "timestamp": event.timestamp}
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A request body written in one go: treq's default producer spends a
-    cooperator step (a reactor turn) per request."""
-
-    def __init__(self, body):
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer):
-        consumer.write(self._body)
-        return defer.succeed(None)
-
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass
 
 
 class _KeepAliveEndpoint:
