@@ -145,7 +145,8 @@ def _prompt_deleted(packed):
     return bool(packed & _FLAG_PROMPT_DELETED)
 
 
-def _wire_int(value):
+def wire_int(value):
+    """A counter as a wire row carries it: saturated at 2^31-1."""
     return value if value <= WIRE_INT_MAX else WIRE_INT_MAX
 
 
@@ -210,12 +211,12 @@ class Engine:
         is never saturated."""
         return {
             "ip": self.ip,
-            "queued_req_num": _wire_int(self.queued),
-            "prompt_length": _wire_int(self.prompt),
+            "queued_req_num": wire_int(self.queued),
+            "prompt_length": wire_int(self.prompt),
             "updated_time": self.updated_ns,
-            "prefill_req_num": _wire_int(self.prefill),
-            "prefill_tokens": _wire_int(self.prefill_tokens),
-            "queued_tokens": _wire_int(self.queued_tokens),
+            "prefill_req_num": wire_int(self.prefill),
+            "prefill_tokens": wire_int(self.prefill_tokens),
+            "queued_tokens": wire_int(self.queued_tokens),
         }
 
 
@@ -668,10 +669,9 @@ class LoadState:
     def lease_of(self, request_id):
         """The name of the lease a live request was added under, or None."""
         packed = self._requests.get(request_id)
-        if packed is None or not _lease_number(packed):
+        if packed is None or _engine_id(packed) not in self._engines:
             return None
-        lease = self._lease_numbers.get(_lease_number(packed))
-        return None if lease is None else lease.name
+        return self._lease_name(packed)
 
     def iter_leases(self):
         """Yield (lease, ttl_ms, expires_in_ms) of every lease alive, for a
