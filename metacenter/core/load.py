@@ -936,13 +936,25 @@ class LoadState:
             # Stamped with the time of this step: tombstones stay in time order
             # even when events arrived between steps.
             step_now = self._now()
+            tomb = (int(step_now) << 2) | TOMB_DELETED
+            tomb_shards = self._tombstones.shards
+            engines = self._engines
             removed = 0
             for shard, request_id, packed in due:  # the shard dicts directly: a hot loop
                 if shard.get(request_id) != packed:
                     continue  # a straggler also met at the front, already gone (or refreshed)
                 del shard[request_id]
-                if self._finish(request_id, packed, step_now, TOMB_DELETED, False):
-                    removed += 1
+                engine = engines.get(_engine_id(packed))
+                if engine is None or (packed >> _LEASE_SHIFT) & _LOW32:
+                    # Rare: a reset engine's request, or one under a lease.
+                    self._finish(request_id, packed, step_now, TOMB_DELETED, False)
+                    removed += engine is not None
+                    continue
+                tomb_shard = tomb_shards[hash(request_id) & _SHARD_MASK]
+                tomb_shard.pop(request_id, None)
+                tomb_shard[request_id] = tomb
+                self._release(engine, request_id, packed, None)
+                removed += 1
             self.stats["expired_requests"] += removed
             yield removed
 
