@@ -32,7 +32,7 @@ import zlib
 from collections import OrderedDict, deque
 
 from metacenter.core.errors import Conflict, InvalidInput
-from metacenter.core.fields import INT32_MAX, ip_value
+from metacenter.core.fields import INT32_MAX, canonical_ip, ip_value
 from metacenter.core.leases import (LEASE_TTL_MAX_MS, LEASE_TTL_MIN_MS, REFRESH_MAX_ITEMS, Lease, lease_name,
                                     lease_ttl_ms)
 
@@ -212,14 +212,17 @@ class Engine:
         "queued_tokens": int}``. Every counter saturates at 2^31-1 (the Go
         gateway reads them as int32); ``updated_time`` is an int64 there and
         is never saturated."""
+        top = WIRE_INT_MAX  # inline, not wire_int(): GET builds rows on the hot path
+        queued, prompt, prefill = self.queued, self.prompt, self.prefill
+        prefill_tokens, queued_tokens = self.prefill_tokens, self.queued_tokens
         return {
             "ip": self.ip,
-            "queued_req_num": wire_int(self.queued),
-            "prompt_length": wire_int(self.prompt),
+            "queued_req_num": queued if queued <= top else top,
+            "prompt_length": prompt if prompt <= top else top,
             "updated_time": self.updated_ns,
-            "prefill_req_num": wire_int(self.prefill),
-            "prefill_tokens": wire_int(self.prefill_tokens),
-            "queued_tokens": wire_int(self.queued_tokens),
+            "prefill_req_num": prefill if prefill <= top else top,
+            "prefill_tokens": prefill_tokens if prefill_tokens <= top else top,
+            "queued_tokens": queued_tokens if queued_tokens <= top else top,
         }
 
 
@@ -232,7 +235,10 @@ def idle_row(ip):
 def engine_address(ip):
     """The canonical form of an engine's IP (the key engines are found by);
     ``InvalidInput`` naming field 'ip' if it is not an IPv4/IPv6 address."""
-    return ip_value(ip, "ip")
+    try:
+        return canonical_ip(ip)  # cached: one dict lookup for a known spelling
+    except ValueError:
+        return ip_value(ip, "ip")  # raises, with the API's reason
 
 
 class Cluster:
@@ -380,7 +386,10 @@ class LoadState:
         return engine, cluster
 
     def _touch(self, engine, now):
-        engine.updated_ns = self._stamp(now)
+        ns = int(now * 1e9)  # _stamp, inline: every mutation comes here
+        if ns <= self._last_ns:
+            ns = self._last_ns + 1
+        self._last_ns = engine.updated_ns = ns
         self._engines.move_to_end(engine.engine_id)
         self._sequence += 1
         self.clusters[engine.cluster].version = engine.version = self._sequence
@@ -508,17 +517,26 @@ class LoadState:
 
     def delete(self, request_id, timestamp_ns=None):
         """The request completed: forget it and leave a delete tombstone."""
-        return self._end_request(request_id, TOMB_DELETED)
+        now = self._now()
+        packed = self._requests.pop(request_id, None)
+        if packed is None or (packed >> _LEASE_SHIFT) & _LOW32 or _engine_id(packed) not in self._engines:
+            return self._end_request(request_id, TOMB_DELETED, now, packed)
+        # The common case inline: a live request without a lease.
+        tombstones = self._tombstones
+        tombstones.pop(request_id, None)  # re-insert: expiry follows insertion order
+        tombstones[request_id] = (int(now) << 2) | TOMB_DELETED
+        self._release(self._engines[_engine_id(packed)], request_id, packed, now)
+        return True
 
     def release(self, request_id):
         """Like ``delete``, but what it leaves is a released tombstone (a late
         add will not bring the engine's row back): a peer's reset or lease
         release, from a snapshot or repair (``apply_tombstone``)."""
-        return self._end_request(request_id, TOMB_RELEASED)
-
-    def _end_request(self, request_id, kind):
         now = self._now()
-        packed = self._requests.pop(request_id, None)
+        return self._end_request(request_id, TOMB_RELEASED, now, self._requests.pop(request_id, None))
+
+    def _end_request(self, request_id, kind, now, packed):
+        """``packed``: the request just taken out of ``_requests``, or None."""
         if packed is None:
             # Re-inserted: tombstone expiry follows insertion order.
             old = self._tombstones.pop(request_id, None)
