@@ -52,7 +52,8 @@ def test_gateway_request_lifecycle(node):
     r, b = yield node.call_json("GET", "/v1/load/stats?cluster=llama")
     assert_ok(r, b)
     assert b["data"] == [{"ip": "10.0.0.1", "queued_req_num": 1, "prompt_length": 1200,
-                          "updated_time": 1_700_000_000 * 10**9}]
+                          "updated_time": 1_700_000_000 * 10**9, "prefill_req_num": 1, "prefill_tokens": 0,
+                          "queued_tokens": 0}]
     # The gateway's prompt delete: its whole struct, no Content-Type.
     r, b = yield node.call_json("DELETE", "/v1/load/prompt", {"request_id": "r1", "cluster": "", "ip": ""})
     assert_ok(r, b)
