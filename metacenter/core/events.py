@@ -20,6 +20,7 @@ EVENT_ENGINE_RESET = "load.engine.reset"
 EVENT_LEASE_KEEPALIVE = "load.lease.keepalive"
 EVENT_LEASE_REVOKE = "load.lease.revoke"
 EVENT_REFRESH = "load.refresh"
+TRUTH_EVENT_TYPES = (EVENT_ENGINE_RESET, EVENT_LEASE_KEEPALIVE, EVENT_LEASE_REVOKE, EVENT_REFRESH)
 
 # Who sent an event: a gateway (replicated onwards) or a peer (never forwarded).
 ORIGIN_CLIENT = "client"

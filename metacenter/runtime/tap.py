@@ -30,7 +30,7 @@ from metacenter.runtime import logs
 from metacenter.runtime.node import Readiness, build_node
 from metacenter.runtime.periodic import Periodic
 from metacenter.runtime.reactorlag import LagProbe
-from metacenter.runtime.sweeper import Sweeper
+from metacenter.runtime.sweeper import LEASE_INTERVAL, Sweeper
 from metacenter.runtime.turns import chunk_per_turn
 
 
@@ -202,7 +202,8 @@ def makeService(options, reactor=None):
                       cache_engine_blocks=cfg.cache_engine_blocks, cache_ttl=cfg.cache_ttl,
                       cache_max_blocks=cfg.cache_max_blocks, advertise=",".join(cfg.advertise),
                       registry=registry, readiness=readiness, cooperate=chunk_per_turn(reactor).cooperate,
-                      peer_status=replicator.peer_status, listeners=[replicator.event_accepted])
+                      peer_status=replicator.peer_status, listeners=[replicator.event_accepted],
+                      lease_ttl=cfg.lease_ttl)
     api = MetacenterAPI(node, node.metrics)
     if authenticator.enabled:
         api.peer_auth = authenticator
@@ -217,6 +218,10 @@ def makeService(options, reactor=None):
 
     sweeper = Sweeper(node.state, node.metrics, node.cooperate, cache=node.cache)
     Periodic(cfg.gc_interval, sweeper.sweep, what="expiry sweep", clock=reactor,
+             log=logs.logger("metacenter.runtime.sweeper")).setServiceParent(top)
+
+    # Gateway leases end on each node from the replicated keepalives.
+    Periodic(LEASE_INTERVAL, node.lease_timer.run, what="lease expiry", clock=reactor,
              log=logs.logger("metacenter.runtime.sweeper")).setServiceParent(top)
 
     _add_cluster_services(top, cfg, node, replicator, client, reactor, verdicts)
