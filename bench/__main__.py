@@ -34,9 +34,9 @@ import traceback
 from bench import http_load, report, servers, workload, wrk
 
 SECTIONS = ("gateway", "endpoints", "cache", "halfrate", "rss", "replication", "memory_state", "cache_index",
-            "stall", "loadgen_check")
+            "stall", "loadgen_check", "cluster")
 # Sections that other modules of bench/ provide (see run_plugin).
-PLUGINS = ("replication", "memory_state", "cache_index", "stall")
+PLUGINS = ("replication", "memory_state", "cache_index", "stall", "cluster")
 
 CLUSTER = "bench"
 ENGINES = 50

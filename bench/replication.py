@@ -6,7 +6,8 @@ CPU per replicated event, batched versus the reference's single events.
     .venv/bin/python -m bench.replication --json     # one JSON object on stdout
 
 Two ``twistd metacenter`` processes from this tree: a sender S (``--peer R``)
-and a receiver R (no peers, so all its work is receiving). Anti-entropy is
+and a receiver R (no peers, so all its work is receiving), replicating over
+HTTP (``--replication-listen none``; the stream is measured by bench.cluster). Anti-entropy is
 set to an hour so that it does not run during the measurement. This process
 is the gateway (and, in one phase, a reference node); it runs on the other
 core when the machine has two (bench.servers.Cores).
@@ -106,7 +107,9 @@ def measure(quick, seconds, log, sender_args=(), pin=True):
     # (half of ~11k requests/s are mutations).
     peak_rate = 5000.0
     seconds = seconds or (4 if quick else 10)
-    quiet = ["--anti-entropy-interval", "1h", "--gc-interval", "1h"]
+    # HTTP replication (batches, single events): what this section compares;
+    # the stream is bench.cluster's.
+    quiet = ["--anti-entropy-interval", "1h", "--gc-interval", "1h", "--replication-listen", "none"]
     receiver = servers.Node(cores, *quiet)
     sender = None
     pool = HTTPConnectionPool(reactor, persistent=True)

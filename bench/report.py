@@ -79,7 +79,7 @@ def table(results):
         extra.append(f"- RSS per in-flight request: {r['bytes_per_request']:,.0f} bytes "
                      f"({r['requests']:,} requests added over HTTP; VmRSS {r['rss_before'] / 2**20:,.1f} → "
                      f"{r['rss_after'] / 2**20:,.1f} MiB).")
-    for name in ("replication", "memory_state", "cache_index"):
+    for name in ("replication", "memory_state", "cache_index", "cluster"):
         s = sections.get(name)
         if not s:
             continue

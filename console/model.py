@@ -135,6 +135,21 @@ class Peer:
     failed: int
     dropped: int
     lag_ms: float | None
+    # Replication stream peers only (mode "stream"): frames unacknowledged,
+    # reconnections, of which resumed at the peer's offset, repairs (the
+    # peer fell behind the log), frames and bytes sent. For them the table's
+    # Queue is the events not yet acknowledged, Sent the events sent and
+    # Failed the events the peer refused.
+    window: int = 0
+    reconnects: int = 0
+    resumes: int = 0
+    repairs: int = 0
+    frames_sent: int = 0
+    bytes_sent: int = 0
+
+    @property
+    def streaming(self):
+        return self.mode == "stream"
 
     @classmethod
     def parse(cls, raw):
@@ -142,14 +157,17 @@ class Peer:
         lag = raw.get("lag_ms")
         if lag is not None and (isinstance(lag, bool) or not isinstance(lag, (int, float))):
             raise BadResponse(f"lag_ms: expected a number or null, got {lag!r}")
+        stream = raw.get("mode") == "stream"
         return cls(
             peer=_str(raw.get("peer"), "peer"),
             mode=str(raw.get("mode") or ""),
-            queue_depth=_int(raw.get("queue_depth"), "queue_depth", 0),
-            sent=_int(raw.get("sent"), "sent", 0),
-            failed=_int(raw.get("failed"), "failed", 0),
+            queue_depth=_int(raw.get("lag_events" if stream else "queue_depth"), "queue_depth", 0),
+            sent=_int(raw.get("events_sent" if stream else "sent"), "sent", 0),
+            failed=_int(raw.get("rejected" if stream else "failed"), "failed", 0),
             dropped=_int(raw.get("dropped"), "dropped", 0),
             lag_ms=None if lag is None else float(lag),
+            **({name: _int(raw.get(name), name, 0) for name in
+                ("window", "reconnects", "resumes", "repairs", "frames_sent", "bytes_sent")} if stream else {}),
         )
 
 

@@ -31,6 +31,7 @@ from console.views import (
     overview_rows,
     peer_columns,
     sort_rows,
+    stream_summary,
 )
 
 
@@ -380,7 +381,11 @@ class NodesScreen(DataScreen):
             fill_table(table, peer_columns(), [], lambda p: p.peer)
             return
         peers = snapshot.status.peers
-        title.update(Text(f"Peers seen by {target_label(target)}: {len(peers)}", style="bold"))
+        heading = Text(f"Peers seen by {target_label(target)}: {len(peers)}", style="bold")
+        streams = [p for p in peers if p.streaming]
+        if streams:
+            heading.append(f"\nStreams: {stream_summary(streams)}", style="not bold")
+        title.update(heading)
         fill_table(table, peer_columns(), sorted(peers, key=lambda p: p.peer), lambda p: p.peer)
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted):

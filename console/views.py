@@ -362,6 +362,15 @@ def peer_columns():
     ]
 
 
+def stream_summary(peers):
+    """One line of the replication stream figures of ``peers`` (stream ones)."""
+    return (f"{sum(p.window for p in peers)} frames in flight, {sum(p.reconnects for p in peers)} reconnects "
+            f"({sum(p.resumes for p in peers)} resumed, {sum(p.repairs for p in peers)} repairs), "
+            f"{sum(p.frames_sent for p in peers):,} frames / {human_bytes(sum(p.bytes_sent for p in peers))} sent"
+            + "".join(f"; {p.peer}: lag {p.queue_depth:,} events / {human_lag(p.lag_ms)}, {p.reconnects} "
+                      f"reconnects, {p.resumes} resumed, {p.repairs} repairs" for p in peers[:4]))
+
+
 def agreement_text(agreement, disagree_since, now):
     """One line (plus details) on whether the nodes hold the same state."""
     if agreement.agree is None:

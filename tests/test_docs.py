@@ -37,9 +37,6 @@ import gen_perf_docs  # noqa: E402
 
 DOCS = sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))
 READMES = [os.path.join(REPO, "README.md"), os.path.join(REPO, "README_zh.md")]
-# docs/api.md is generated from metacenter/openapi.json, which still cites a
-# file that is not in the repository (WIRE.md); the fix belongs in openapi.json.
-GENERATED_FROM_OPENAPI = os.path.join(REPO, "docs", "api.md")
 
 
 def read(path):
@@ -71,10 +68,7 @@ MD_NAME = re.compile(r"\b[\w.-]+\.md\b")
 
 def _doc_params():
     for path in DOCS + READMES:
-        marks = []
-        if path == GENERATED_FROM_OPENAPI:
-            marks.append(pytest.mark.xfail(reason="metacenter/openapi.json cites WIRE.md (not in the repository)"))
-        yield pytest.param(path, id=os.path.basename(path), marks=marks)
+        yield pytest.param(path, id=os.path.basename(path))
 
 
 @pytest.mark.parametrize("path", list(_doc_params()))

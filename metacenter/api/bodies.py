@@ -14,8 +14,8 @@ from metacenter.core.errors import InvalidInput
 from metacenter.core.events import (EVENT_ADD, EVENT_ENGINE_RESET, EVENT_LEASE_KEEPALIVE, EVENT_LEASE_REVOKE,
                                     EVENT_REFRESH, CacheSave, EngineReset, LeaseKeepalive, LeaseRevoke, LoadAdd,
                                     LoadDelete, Refresh)
-from metacenter.core.fields import (INT32_MAX, canonical_ip, int_field, ip_value, json_type, required_string,
-                                    timestamp_field, uint64_list)
+from metacenter.core.fields import (INT32_MAX, canonical_ip, check_length, int_field, ip_value, json_type,
+                                    required_string, timestamp_field, uint64_list)
 from metacenter.core.leases import REFRESH_MAX_ITEMS, lease_name, lease_ttl_ms
 from metacenter.api.envelope import invalid, invalid_json
 
@@ -250,9 +250,11 @@ def cluster_query(args):
     if not values or not values[0]:
         raise InvalidInput("query parameter 'cluster' is required and must not be empty")
     try:
-        return values[0].decode("utf-8")
+        cluster = values[0].decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidInput("query parameter 'cluster' is not valid UTF-8") from None
+    # The same limit as a written name's: longer was never written.
+    return check_length(cluster, "cluster", "query parameter 'cluster'")
 
 
 LOG_LEVEL_REASON = "log LevelParam can only be [TRACE DEBUG INFO WARN ERROR FATAL]"
@@ -288,6 +290,7 @@ def _ip_list(obj, name, canonical=True):
     for index, item in enumerate(value):
         if not isinstance(item, str):
             raise InvalidInput(f"field '{name}' item {index} must be an IP address string, got {json_type(item)}")
+        check_length(item, "ip", f"field '{name}' item {index}")
         try:
             address = canonical_ip(item)
             ips.append(address if canonical else item)

@@ -14,6 +14,7 @@ from random import getrandbits
 
 from metacenter.cluster.auth import Unauthorized
 from metacenter.core.errors import Conflict, InvalidInput, NotFound
+from metacenter.core.limits import LimitReached
 
 JSON_CONTENT_TYPE = b"application/json; charset=utf-8"
 
@@ -22,6 +23,7 @@ CODE_NOT_FOUND = 40001404
 CODE_METHOD = 40001405
 CODE_CONFLICT = 40001409
 CODE_TOO_LARGE = 40001413
+CODE_LIMIT = 42901429
 CODE_UNAUTHORIZED = 40101001
 CODE_UNAVAILABLE = 50301503
 CODE_INTERNAL = 50001000
@@ -77,6 +79,12 @@ def too_large(limit):
                     f"the request body exceeds the limit of {limit} bytes")
 
 
+def limit_reached(reason):
+    """A count limit of the node reached (``core.limits``); the reason names
+    the limit and the setting that raises it."""
+    return ApiError(429, CODE_LIMIT, "Limit reached", reason)
+
+
 def unauthorized(reason):
     return ApiError(401, CODE_UNAUTHORIZED, "Authentication failed", reason)
 
@@ -92,8 +100,9 @@ def internal():
 def error_for(exc):
     """The ``ApiError`` answering ``exc``: itself, a 400 for the core's
     ``InvalidInput``, a 409 with its data for the core's ``Conflict``, a 404
-    for its ``NotFound``, a 401 for a refused peer signature; None for
-    anything else (a bug: the caller logs it and answers ``internal()``)."""
+    for its ``NotFound``, a 401 for a refused peer signature, a 429 for a
+    count limit reached (``LimitReached``); None for anything else (a bug:
+    the caller logs it and answers ``internal()``)."""
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, InvalidInput):
@@ -104,6 +113,8 @@ def error_for(exc):
         return not_found(exc.reason)
     if isinstance(exc, Unauthorized):
         return unauthorized(exc.reason)
+    if isinstance(exc, LimitReached):
+        return limit_reached(exc.reason)
     return None
 
 

@@ -16,6 +16,11 @@ and its Request, with the node's limits on clients.
   envelope and closed.
 - HEAD is answered like GET without a body, and without Twisted's warning
   in the log for every HEAD.
+- URLs: a request line of up to ``max_url`` bytes is read (``url_limit``:
+  enough for the longest cluster name a client may write, percent-encoded
+  at worst, so whatever can be written can be read); a longer one is
+  answered 414 in the envelope, headers over their allowance 431 (Twisted
+  would close the connection, or answer a bare 400).
 """
 
 from io import BytesIO
@@ -27,6 +32,45 @@ from metacenter.api import envelope
 from metacenter.runtime.logs import ThrottledLog, logger
 
 log = logger("metacenter.api.site")
+
+# Twisted's own limit on a request line and on all of a request's headers.
+DEFAULT_MAX_URL = 16384
+# Bytes of headers allowed besides the request line.
+HEADERS_ALLOWANCE = 16384
+# What a request line holds besides the cluster name: the method, the path
+# "/v1/load/stats?cluster=", other query parameters, " HTTP/1.1".
+_URL_OVERHEAD = 1024
+# A character is at most 4 bytes of UTF-8, each percent-encoded as 3 ("%F0").
+_ENCODED_BYTES_PER_CHARACTER = 12
+
+
+def url_limit(max_cluster_length):
+    """The longest request line (bytes) to accept when cluster names may be
+    ``max_cluster_length`` characters long: the GET of the longest name,
+    every character percent-encoded UTF-8 of 4 bytes, with room to spare;
+    never below Twisted's 16,384."""
+    return max(DEFAULT_MAX_URL, _ENCODED_BYTES_PER_CHARACTER * max_cluster_length + _URL_OVERHEAD)
+
+
+_REASON_PHRASES = {431: b"Request Header Fields Too Large"}  # not in Twisted's table
+
+
+def _raw_error(error):
+    """A whole HTTP/1.1 answer (bytes) with ``error`` (an ``ApiError``) in
+    the envelope, closing the connection: for answers given before any
+    Request exists."""
+    trace_id = envelope.new_trace_id()
+    body = envelope.error_body(error, trace_id)
+    reason = _REASON_PHRASES.get(error.status) or http.RESPONSES.get(error.status, b"Error")
+    return (b"HTTP/1.1 %d %s\r\nContent-Type: " % (error.status, reason) + envelope.JSON_CONTENT_TYPE +
+            b"\r\nContent-Length: %d\r\nConnection: close\r\nX-Trace-ID: %s\r\n\r\n" % (
+                len(body), trace_id.encode("ascii")) + body)
+
+
+# The envelope's codes of these answers (the reference's pattern: 400XX + status).
+CODE_URL_TOO_LONG = 40001414
+CODE_HEADERS_TOO_LARGE = 40001431
+
 
 # After a refusal the node closes its side and waits this long before it
 # drops the connection: a client still sending its request then reads the
@@ -90,7 +134,39 @@ class MetacenterChannel(http.HTTPChannel):
 
     def connectionMade(self):
         super().connectionMade()
+        self.MAX_LENGTH = self.site.max_url  # one line: the request line is the longest
+        self.totalHeadersSize = self.site.max_url + HEADERS_ALLOWANCE
         self.site.connection_opened()
+
+    def lineLengthExceeded(self, line):
+        # Twisted would just close the connection.
+        if getattr(self, "_HTTPChannel__first_line", 0):
+            self.site.url_too_long()
+            self._answer_and_close(envelope.ApiError(
+                414, CODE_URL_TOO_LONG, "URI too long",
+                f"the request line is longer than {self.site.max_url} bytes; it follows the longest cluster name "
+                f"(--max-cluster-length)"))
+        else:
+            self._headers_too_large()
+
+    def lineReceived(self, line):
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._headers_too_large()  # Twisted would answer a bare 400
+            return
+        super().lineReceived(line)
+
+    def _headers_too_large(self):
+        self._answer_and_close(envelope.ApiError(
+            431, CODE_HEADERS_TOO_LARGE, "Request header fields too large",
+            f"the request line and headers exceed {self.totalHeadersSize} bytes"))
+
+    def _answer_and_close(self, error):
+        """Answer ``error`` before a Request exists, then stop reading (the
+        rest of the request is never parsed) and close."""
+        self.dataReceived = self.lineReceived = lambda *args: None
+        self.transport.write(_raw_error(error))
+        self.persistent = False
+        self._linger_call = _linger_close(self.transport, self.callLater)
 
     def connectionLost(self, reason):
         for name in ("_deadline_call", "_linger_call"):
@@ -176,14 +252,15 @@ class _Refused(Protocol):
 class MetacenterSite(server.Site):
     """``max_body`` bytes per body; ``request_deadline`` seconds for a
     request's headers and body to arrive; ``idle_timeout`` seconds an idle
-    connection is kept; ``max_connections`` open at most. ``metrics`` (a
+    connection is kept; ``max_connections`` open at most; ``max_url`` bytes
+    of request line at most (``url_limit``). ``metrics`` (a
     ``runtime.metrics.Metrics``, or None) counts connections, refusals and
     drops."""
 
     protocol = MetacenterChannel
 
     def __init__(self, resource, max_body, access_log=False, metrics=None, request_deadline=30.0,
-                 idle_timeout=360.0, max_connections=10000, **kwargs):
+                 idle_timeout=360.0, max_connections=10000, max_url=DEFAULT_MAX_URL, **kwargs):
         # Bodies are JSON whatever their Content-Type says; Twisted's default
         # parse of every POST's Content-Type for HTML forms (with the email
         # package) costs more than the rest of an add.
@@ -200,6 +277,7 @@ class MetacenterSite(server.Site):
         self.displayTracebacks = False
         self.request_deadline = request_deadline
         self.max_connections = max_connections
+        self.max_url = max_url
         self.open_connections = 0
         self._metrics = metrics
         self._throttled = ThrottledLog(log, self.reactor, 60.0)
@@ -219,12 +297,15 @@ class MetacenterSite(server.Site):
         return super().buildProtocol(addr)
 
     def _refusal(self):
-        trace_id = envelope.new_trace_id()
-        body = envelope.error_body(envelope.unavailable(
-            f"too many open connections: at most {self.max_connections} (--max-connections)"), trace_id)
-        return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: " + envelope.JSON_CONTENT_TYPE +
-                b"\r\nContent-Length: %d\r\nConnection: close\r\nX-Trace-ID: %s\r\n\r\n" % (
-                    len(body), trace_id.encode("ascii")) + body)
+        return _raw_error(envelope.unavailable(
+            f"too many open connections: at most {self.max_connections} (--max-connections)"))
+
+    def url_too_long(self):
+        """A request line over ``max_url`` was answered 414."""
+        if self._metrics is not None:
+            self._metrics.limit_refusals.inc(("url_length",))
+        self._throttled.emit("url_length", None, "info",
+                             "refused a request line longer than {limit} bytes", limit=self.max_url)
 
     def connection_opened(self):
         self.open_connections += 1

@@ -38,6 +38,7 @@ from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
 from metacenter.cluster.discovery import format_peer
+from metacenter.cluster.stream import decode_entries
 from metacenter.core.events import (EVENT_ADD, EVENT_CACHE_SAVE, EVENT_ENGINE_RESET, EVENT_LEASE_KEEPALIVE,
                                     EVENT_LEASE_REVOKE, EVENT_REFRESH, LOAD_EVENT_TYPES)
 from metacenter.runtime.logs import ThrottledLog, logger
@@ -740,3 +741,330 @@ class Replicator(Service):
         self.links = {}
         self._link_list = ()
         yield self.client.close()
+
+
+# -- stream or HTTP, per peer ------------------------------------------------------
+
+MODE_STREAM = "stream"
+STATUS_PATH = "/v1/node/status"
+STATUS_RETRY = 1.0  # seconds before asking an unreachable peer again whether it streams
+FALLBACK_FAILURES = 3  # failed stream connections before asking the peer whether it still streams
+# Failed stream connections to a peer after its status answered with an open
+# stream on the same port, before it is taken to be unreachable there (a
+# firewall, a wrong --replication-port) and goes to HTTP until the next probe.
+UNREACHABLE_FAILURES = 6
+RETIRE_CHECK = 0.5  # seconds between checks whether a retired HTTP link has sent what it held
+
+
+def stream_port(content):
+    """The replication port a peer reports in its ``GET /v1/node/status``
+    answer (``data.stream.port``), or None (no stream: an older version, a
+    reference node, a node with ``--replication-listen none``)."""
+    info = stream_info(content)
+    return info[0] if info is not None else None
+
+
+def stream_info(content):
+    """``(port, open)`` from a peer's ``GET /v1/node/status`` answer, or
+    None without a stream; ``open`` is False while the peer is warming up
+    (its listener closes connections until then)."""
+    try:
+        stream = json.loads(content)["data"]["stream"]
+        port = stream["port"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if type(port) is not int or not 0 < port < 65536:
+        return None
+    return port, stream.get("open") is not False
+
+
+class _PeerEndpoint:
+    """A client endpoint to a peer's replication port, resolved at each
+    connect (a peer restarted on another port is dialled there)."""
+
+    def __init__(self, reactor, host, port_of, timeout):
+        self._reactor, self._host, self._port_of, self._timeout = reactor, host, port_of, timeout
+
+    def connect(self, factory):
+        return HostnameEndpoint(self._reactor, self._host, self._port_of(), timeout=self._timeout).connect(factory)
+
+
+class StreamOrHttp(Service):
+    """Replication to every peer, over its stream where the peer has one,
+    else over today's HTTP (batches, or a reference node's single events).
+
+    ``stream`` is a ``stream.StreamReplicator`` over this node's log, ``http``
+    a ``Replicator``, ``client`` the ``PeerClient`` that asks a peer's
+    ``GET /v1/node/status`` whether and where it streams. ``port`` (the
+    ``--replication-port``) overrides the port peers report.
+
+    A peer starts on HTTP; as soon as its status reports a stream port it
+    moves to the stream (from the log's end then: its HTTP link sends what it
+    queued before and is retired). A streaming peer whose connections fail
+    ``FALLBACK_FAILURES`` times is asked again: if it answers without a
+    stream (rolled back to an older version), or with an open stream on the
+    same port that failed ``UNREACHABLE_FAILURES`` more times since it was
+    first seen open (a firewall, a wrong ``--replication-port``), the entries it has not acknowledged are decoded from the
+    log into its HTTP link and it goes back to HTTP; a peer that does not
+    answer at all is down, and its cursor waits in the log. An HTTP peer is asked again every ``probe_interval``
+    seconds.
+
+    ``event_accepted``, ``peers_changed``, ``peer_status`` and ``drain`` are
+    those of the two replicators together.
+    """
+
+    name = "replication"
+
+    def __init__(self, stream, http, client, clock, *, port=None, probe_interval=60.0):
+        self.stream = stream
+        self.http = http
+        self.client = client
+        self.clock = clock
+        self.port = port
+        self.probe_interval = probe_interval
+        self.modes = {}  # peer -> MODE_STREAM or MODE_BATCH (HTTP, whatever its link's mode)
+        self.ports = {}  # peer -> the replication port it reported
+        self._fed = ()  # HTTP links that get new events
+        self._probes = {}  # peer -> DelayedCall or Deferred of the next/current status request
+        self._checking = set()  # streaming peers being asked whether they still stream
+        self._open_seen = {}  # peer -> (port, its link's failures) when first seen open on that port
+        self._series = {}  # stream peer name -> its metacenter_replication_* children
+        self.fallbacks = 0  # times a streaming peer went back to HTTP
+        self.upgrades = 0  # times an HTTP peer moved to the stream
+
+    # -- hooks -------------------------------------------------------------------
+
+    def endpoint(self, reactor, dial_timeout):
+        """The ``connect(peer)`` for the StreamReplicator."""
+        return lambda peer: _PeerEndpoint(reactor, peer[0], lambda: self.port or self.ports[peer], dial_timeout)
+
+    def event_accepted(self, event_type, event, trace_id):
+        """A node event listener: one append to the log (every streaming
+        peer's), and the HTTP peers' queues."""
+        self.stream.log.append(event_type, event)
+        fed = self._fed
+        if fed:
+            item = (event_type, event, trace_id, self.clock.seconds())
+            for link in fed:
+                link.enqueue(item)
+
+    def peers_changed(self, joined, left):
+        for peer in left:
+            mode = self.modes.pop(peer, None)
+            self.ports.pop(peer, None)
+            self._open_seen.pop(peer, None)
+            if self._series.pop(format_peer(peer), None) is not None:
+                self.http.metrics.forget(format_peer(peer))
+            self._cancel_probe(peer)
+            if mode == MODE_STREAM:
+                self.stream.peers_changed((), (peer,))
+            if peer in self.http.links:
+                self.http.peers_changed((), (peer,))
+        for peer in joined:
+            if peer in self.modes:
+                continue
+            self.modes[peer] = MODE_BATCH
+            self.http.peers_changed((peer,), ())
+            if self.running:
+                self._probe(peer)
+        self._refeed()
+
+    def stream_acked(self, link, events, lag_seconds):
+        """``StreamReplicator(on_ack=)``: a stream peer's acknowledgement also
+        feeds the ``metacenter_replication_*`` series (events sent, lag,
+        "batch" size, queue depth) that dashboards and alerts read, whatever
+        carries the events. Once per acknowledgement, not per event."""
+        children = self._series.get(link.name)
+        if children is None:
+            children = self._stream_series(link.name)
+        sent, lag, batch_size = children
+        sent.inc(events)
+        lag.observe(lag_seconds)
+        batch_size.observe(events)
+
+    def _stream_series(self, name):
+        m = self.http.metrics
+        # The series of a streaming peer exist like an HTTP peer's (a stream
+        # drops nothing; a peer that fell behind counts as a repair instead).
+        m.failed.labels(name)
+        m.dropped.labels(name)
+        m.batch_mode.labels(name).set(1)
+        # Read when scraped: a peer that stopped acknowledging shows a growing queue.
+        m.queue_depth.labels(name).set_function(lambda: self._stream_lag(name))
+        children = self._series[name] = (m.sent.labels(name), m.lag.labels(name), m.batch_size.labels(name))
+        return children
+
+    def _stream_lag(self, name):
+        for link in self.stream.links.values():
+            if link.name == name:
+                return link.lag_events()
+        return 0
+
+    def on_stream_failure(self, link, reason):
+        """``StreamReplicator(on_failure=)``: after repeated failures, ask the
+        peer whether it still has a stream."""
+        peer = link.peer
+        if link.failures >= FALLBACK_FAILURES and peer not in self._checking and self.modes.get(peer) == MODE_STREAM:
+            self._checking.add(peer)
+            d = self.client.request("GET", peer, STATUS_PATH)
+            d.addBoth(self._checked, peer, link)
+            d.addErrback(lambda f: log.failure("moving {peer} back to HTTP replication failed", f,
+                                               peer=format_peer(peer)))
+
+    # -- probing -------------------------------------------------------------------
+
+    def _refeed(self):
+        links = self.http.links
+        self._fed = tuple(links[p] for p, mode in self.modes.items() if mode == MODE_BATCH and p in links)
+
+    def _cancel_probe(self, peer):
+        pending = self._probes.pop(peer, None)
+        if isinstance(pending, defer.Deferred):
+            pending.cancel()
+        elif pending is not None and pending.active():
+            pending.cancel()
+
+    def _schedule_probe(self, peer, delay):
+        self._cancel_probe(peer)
+        self._probes[peer] = self.clock.callLater(delay, self._probe, peer)
+
+    def _probe(self, peer):
+        self._probes.pop(peer, None)
+        if peer not in self.modes or not self.running:
+            return
+        try:
+            d = self._probes[peer] = self.client.request("GET", peer, STATUS_PATH)
+        except Exception:
+            log.failure("asking {peer} for its replication stream failed", peer=format_peer(peer))
+            self._schedule_probe(peer, self.probe_interval)
+            return
+        d.addBoth(self._probed, peer)
+        d.addErrback(lambda f: log.failure("switching {peer} to its replication stream failed", f,
+                                           peer=format_peer(peer)))
+
+    def _probed(self, result, peer):
+        if self._probes.get(peer) is not None and isinstance(self._probes[peer], defer.Deferred):
+            del self._probes[peer]
+        if isinstance(result, Failure):
+            if result.check(defer.CancelledError) or peer not in self.modes:
+                return
+            # Down or starting: ask again soon (its HTTP link queues meanwhile).
+            self._schedule_probe(peer, STATUS_RETRY)
+            return
+        if self.modes.get(peer) != MODE_BATCH:
+            return
+        status, content = result
+        port = stream_port(content) if status == 200 else None
+        if port is None:
+            self._schedule_probe(peer, self.probe_interval)
+            return
+        self._to_stream(peer, port)
+
+    def _to_stream(self, peer, port):
+        self.ports[peer] = port
+        self.modes[peer] = MODE_STREAM
+        self.upgrades += 1
+        log.info("peer {peer} has a replication stream (port {port}): streaming to it",
+                 peer=format_peer(peer), port=self.port or port)
+        self.stream.peers_changed((peer,), ())
+        self._refeed()
+        self._retire(peer)
+
+    def _retire(self, peer):
+        """The HTTP link of a peer now streaming goes once it sent what it held."""
+        try:
+            self._retire_now(peer)
+        except Exception:
+            log.failure("retiring the HTTP replication link of {peer} failed", peer=format_peer(peer))
+
+    def _retire_now(self, peer):
+        link = self.http.links.get(peer)
+        if link is None or self.modes.get(peer) != MODE_STREAM:
+            return
+        if link.busy and self.running:
+            self._probes[peer] = self.clock.callLater(RETIRE_CHECK, self._retire, peer)
+            return
+        self._probes.pop(peer, None)
+        self.http.peers_changed((), (peer,))  # forgets the peer's series: made again for its stream
+        self._stream_series(format_peer(peer))
+
+    def _checked(self, result, peer, link):
+        self._checking.discard(peer)
+        if isinstance(result, Failure) or self.modes.get(peer) != MODE_STREAM:
+            return  # down: its cursor waits in the log
+        status, content = result
+        info = stream_info(content) if status == 200 else None
+        if info is None:
+            self._to_http(peer, link, f"it has no replication stream any more (HTTP {status} on its status)")
+            return
+        port, is_open = info
+        self.ports[peer] = port  # the next attempt dials it
+        seen = self._open_seen.get(peer)
+        if not is_open:
+            self._open_seen.pop(peer, None)  # warming up: its listener turns connections away for now
+        elif seen is None or seen[0] != port or link.failures < seen[1]:
+            # Only failures from now on count: earlier ones may have been
+            # against a process that was down, warming up, or on another port.
+            self._open_seen[peer] = (port, link.failures)
+        elif link.failures - seen[1] >= UNREACHABLE_FAILURES:
+            self._to_http(peer, link, f"its replication stream does not work from here ({link.last_error})")
+
+    def _to_http(self, peer, link, why):
+        """Back to HTTP, taking along what the peer has not acknowledged."""
+        log_ = self.stream.log
+        cursor = link.cursor
+        start = max(cursor.acked, log_.base, log_.end - self.http.queue_size)
+        entries = log_.entries(start, log_.end)
+        events, _, _ = decode_entries(b"[" + b",".join(entries) + b"]", len(entries))
+        self.fallbacks += 1
+        log.warn("peer {peer}: {why}; back to HTTP replication with the {count} events it had not "
+                 "acknowledged, asking again in {probe:g} s", peer=format_peer(peer), why=why, count=len(events),
+                 probe=self.probe_interval)
+        self.modes[peer] = MODE_BATCH
+        self.ports.pop(peer, None)
+        self._open_seen.pop(peer, None)
+        if self._series.pop(format_peer(peer), None) is not None:
+            self.http.metrics.forget(format_peer(peer))  # its HTTP link makes them again
+        self.stream.peers_changed((), (peer,))
+        self._cancel_probe(peer)
+        if peer not in self.http.links:
+            self.http.peers_changed((peer,), ())
+        http_link = self.http.links[peer]
+        now = self.clock.seconds()
+        for event_type, event in events:
+            http_link.enqueue((event_type, event, None, now))
+        self._refeed()
+        self._schedule_probe(peer, self.probe_interval)
+
+    # -- service -------------------------------------------------------------------
+
+    def startService(self):
+        super().startService()
+        self.stream.startService()
+        self.http.startService()
+        for peer in list(self.modes):
+            self._probe(peer)
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        for peer in list(self._probes):
+            self._cancel_probe(peer)
+        yield defer.gatherResults([defer.maybeDeferred(self.stream.stopService),
+                                   defer.maybeDeferred(self.http.stopService)])
+
+    def drain(self, timeout=DRAIN_TIMEOUT):
+        """Both replicators send what they hold; fires when done or after ``timeout`` s."""
+        return defer.gatherResults([self.stream.drain(timeout), self.http.drain(timeout)])
+
+    def peer_status(self):
+        """One dict per peer, sorted by peer: its stream's status (mode
+        "stream") or its HTTP link's (mode "batch" or "single")."""
+        out = []
+        for peer in sorted(self.modes):
+            link = self.stream.links.get(peer) if self.modes[peer] == MODE_STREAM else None
+            if link is None:
+                link = self.http.links.get(peer)
+            if link is not None:
+                out.append(link.status())
+        return out

@@ -1,13 +1,13 @@
 """The state on the wire between nodes: snapshots (warm start) and record
 streams (anti-entropy), one JSON value per line.
 
-    {"snapshot":1,"node":"10.0.0.5","time":<ns>}                 header
-    ["l",lease,ttl_ms,expires_in_ms]                              a gateway lease alive (before the requests)
+    {"snapshot":1,"node":"10.0.0.5","time":<ns>,"log":L,"offset":n}   header
+    ["l",lease,ttl_ms,expires_in_ms]                              a gateway lease alive (before the rest)
+    ["t",request_id,kind,created_s]                               a tombstone (1 prompt, 2 deleted,
+                                                                  3 released by a reset or a lease)
     ["r",request_id,cluster,ip,prompt_length,prompt_deleted,created_s,prompt_tokens,lease]
                                                                   a live request (snapshots; anti-entropy's
                                                                   records stop at created_s)
-    ["t",request_id,kind,created_s]                               a tombstone (1 prompt, 2 deleted,
-                                                                  3 released by a reset or a lease)
     ["c",cluster,ip,[hash,...]]                                    KV-cache blocks of an engine
     {"end":true,"requests":n,"tombstones":n,"cache_engines":n}    the stream is complete
 
@@ -16,6 +16,9 @@ chunk per step of the node's cooperator (a reactor turn), paused by the HTTP
 connection's back-pressure, so a million requests never stall the reactor
 nor fill memory with one body. The
 receiver validates every entry like a client request before merging it;
+``log``/``offset`` (only from a node with a replication log) is the end of
+the serving node's log when the snapshot started: the receiver resumes that
+log's stream there, so nothing between the two is missed;
 ``created_s`` carries the request's birth, so expiry deadlines travel along.
 An ip travels as the engine's first spelling (validated, never rewritten).
 """
@@ -27,7 +30,7 @@ from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from metacenter.core.errors import InvalidInput
-from metacenter.core.fields import INT32_MAX, int_field, ip_value, is_uint64, required_string
+from metacenter.core.fields import INT32_MAX, INT64_MAX, int_field, ip_value, is_uint64, required_string
 from metacenter.core.leases import lease_name, lease_ttl_ms
 from metacenter.core.load import TOMB_DELETED, TOMB_PROMPT, TOMB_RELEASED
 from metacenter.runtime.turns import in_chunks
@@ -71,7 +74,13 @@ def state_chunks(node, clusters=None, tombstones=True, cache=True, keep=None):
     more than ``CHUNK`` entries (requests, tombstones; fewer cache engines,
     which hold many hashes each), so the consumer paces the walk."""
     state = node.state
-    yield _lines([{"snapshot": FORMAT, "node": node.advertise, "time": int(node.clock.seconds() * 1e9)}])
+    header = {"snapshot": FORMAT, "node": node.advertise, "time": int(node.clock.seconds() * 1e9)}
+    position = getattr(node, "log_position", None)
+    if position is not None and clusters is None and keep is None:
+        # Taken now, before the first record: what is appended from here on
+        # comes again through the stream (merges do not count it twice).
+        header["log"], header["offset"] = position()
+    yield _lines([header])
     counts = {"requests": 0, "tombstones": 0, "cache_engines": 0}
     full = tombstones and cache and clusters is None  # a warm start's snapshot, not anti-entropy's records
     if full:
@@ -80,8 +89,18 @@ def state_chunks(node, clusters=None, tombstones=True, cache=True, keep=None):
         for looked in in_chunks(state.iter_leases(), CHUNK):
             counts["leases"] = counts.get("leases", 0) + len(looked)
             yield _lines(["l", lease, ttl_ms, expires_in_ms] for lease, ttl_ms, expires_in_ms in looked)
-    # The requests before the tombstones: reading them turns a reset
-    # engine's requests into released tombstones, which then travel too.
+    # Tombstones before requests: an event arriving during the walk only
+    # moves an entry from the tombstones to the requests (an add meeting a
+    # prompt tombstone) or to a delete tombstone (which needs no snapshot:
+    # its request is gone everywhere). The other order would lose a prompt
+    # tombstone turned into a request after the requests were walked, with
+    # nothing in the log after the header's offset to bring it back. (So the
+    # requests of a reset engine not yet touched travel as neither: the
+    # receiver does not count them, but a late add of one there would.)
+    if tombstones:
+        for looked in in_chunks(state.iter_tombstones(full=full), CHUNK):
+            counts["tombstones"] += len(looked)
+            yield _lines(["t", request_id, kind, created_s] for request_id, kind, created_s in looked)
     for looked in in_chunks(state.iter_requests(full=full), CHUNK):
         if clusters is not None:
             looked = [r for r in looked if r[1] in clusters]
@@ -89,10 +108,6 @@ def state_chunks(node, clusters=None, tombstones=True, cache=True, keep=None):
             looked = [r for r in looked if keep(r)]
         counts["requests"] += len(looked)
         yield _lines(record_entry(r) for r in looked)
-    if tombstones:
-        for looked in in_chunks(state.iter_tombstones(full=full), CHUNK):
-            counts["tombstones"] += len(looked)
-            yield _lines(["t", request_id, kind, created_s] for request_id, kind, created_s in looked)
     if cache and clusters is None:
         for looked in in_chunks(node.cache.iter_snapshot(), max(1, CHUNK // 100)):
             counts["cache_engines"] += len(looked)
@@ -243,7 +258,8 @@ class SnapshotMerger:
     InvalidInput. ``complete`` turns True with the end line (``expected``
     holds its counts); ``merged`` counts requests, tombstones and cache
     engines; ``listed``, if a set is given, receives the ids of the peer's
-    live requests."""
+    live requests. ``position`` is the serving node's ``(log_id, offset)``
+    from the header, or None if it sent none (or a malformed one)."""
 
     def __init__(self, node, listed=None):
         self._node = node
@@ -253,6 +269,7 @@ class SnapshotMerger:
         self.invalid = 0
         self.first_error = None
         self.expected = None
+        self.position = None
 
     def line(self, raw):
         entry = decode_line(raw)
@@ -262,6 +279,11 @@ class SnapshotMerger:
                 self.expected = entry
             elif entry.get("snapshot") != FORMAT:
                 raise InvalidInput(f"unknown snapshot format {entry.get('snapshot')!r}")
+            else:
+                log_id, offset = entry.get("log"), entry.get("offset")
+                if (isinstance(log_id, str) and len(log_id) == 32 and type(offset) is int
+                        and 0 <= offset <= INT64_MAX):
+                    self.position = (log_id, offset)
             return
         try:
             tag = entry[0] if isinstance(entry, list) and entry else None

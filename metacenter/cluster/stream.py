@@ -83,7 +83,7 @@ from metacenter.api import bodies
 from metacenter.core.errors import InvalidInput
 from metacenter.core.events import (EVENT_ADD, EVENT_CACHE_SAVE, EVENT_DELETE, EVENT_PROMPT_DELETE, LoadAdd,
                                     LoadDelete)
-from metacenter.core.fields import INT32_MAX, INT64_MAX, canonical_ip
+from metacenter.core.fields import INT32_MAX, INT64_MAX, MAX_LENGTHS, canonical_ip
 from metacenter.core.replog import FRESH, RESUMED
 from metacenter.runtime.logs import ThrottledLog, logger
 
@@ -243,6 +243,8 @@ def _fast_add(entry):
     _, cluster, request_id, ip, prompt_length, timestamp = entry
     if (type(cluster) is str and type(request_id) is str and type(ip) is str and cluster and request_id
             and cluster.isascii() and request_id.isascii()  # other text: parse() checks surrogates
+            and len(cluster) <= MAX_LENGTHS["cluster"] and len(request_id) <= MAX_LENGTHS["request_id"]
+            and len(ip) <= MAX_LENGTHS["ip"]  # longer: parse() refuses them, naming the field
             and type(prompt_length) is int and 0 <= prompt_length <= INT32_MAX
             and (timestamp is None or (type(timestamp) is int and 0 <= timestamp <= INT64_MAX))):
         try:
@@ -255,6 +257,7 @@ def _fast_add(entry):
 def _fast_delete(entry):
     _, request_id, timestamp = entry
     if (type(request_id) is str and request_id and request_id.isascii()
+            and len(request_id) <= MAX_LENGTHS["request_id"]
             and (timestamp is None or (type(timestamp) is int and 0 <= timestamp <= INT64_MAX))):
         return LoadDelete((request_id, timestamp))
     return None
@@ -307,6 +310,18 @@ def decode_entries(payload, count, types=None):
     return events, rejected, first
 
 
+def _no_delay(transport):
+    """Frames and acks are small writes that must leave at once: with Nagle's
+    algorithm a frame can wait for the ack of the previous one, which the
+    other side's delayed ACK holds back for tens of milliseconds."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except OSError:
+            pass
+
+
 # -- receiver ----------------------------------------------------------------------
 
 
@@ -328,6 +343,7 @@ class ReceiverProtocol(Int32StringReceiver):
 
     def connectionMade(self):
         self.factory.connections_made += 1
+        _no_delay(self.transport)
         self._timeout = self.factory.clock.callLater(self.factory.handshake_timeout, self._handshake_timed_out)
 
     def _handshake_timed_out(self):
@@ -610,6 +626,7 @@ class SenderProtocol(Int32StringReceiver):
         self._timeout = None
 
     def connectionMade(self):
+        _no_delay(self.transport)
         link = self.link
         owner = link.owner
         self._timeout = owner.clock.callLater(owner.handshake_timeout, self._handshake_timed_out)
@@ -789,6 +806,11 @@ class PeerStream:
                              "replication stream to {peer} failing ({error}); retrying with back-off, "
                              "{lag} events waiting", peer=self.name, error=reason, lag=self.cursor.lag_events())
         self._schedule_retry()
+        if self.owner.on_failure is not None:
+            try:
+                self.owner.on_failure(self, reason)
+            except Exception:
+                log.failure("on_failure failed")
 
     def _schedule_retry(self):
         if self.closed or self._retry is not None:
@@ -950,7 +972,7 @@ class PeerStream:
                 "lag_events": self.lag_events(), "lag_ms": round(self.lag_seconds() * 1000, 3),
                 "window": self.window_in_use(), "frames_sent": self.frames_sent, "events_sent": self.events_sent,
                 "bytes_sent": self.bytes_sent, "reconnects": self.reconnects, "resumes": self.resumes,
-                "repairs": self.repairs, "rejected": self.rejected, "last_error": self.last_error}
+                "fresh_starts": self.fresh_starts, "repairs": self.repairs, "failures": self.failures, "rejected": self.rejected, "last_error": self.last_error}
 
     def close(self):
         """The peer left (or the node stops): no more connections."""
@@ -994,7 +1016,10 @@ class StreamReplicator(Service):
     delays between failed attempts.
     ``on_repair(link, skipped)``: a peer fell behind the log;
     ``on_ack(link, events, lag_seconds)``: once per acknowledgement, with the
-    age of the oldest entry it acknowledged (for a lag histogram).
+    age of the oldest entry it acknowledged (for a lag histogram);
+    ``on_failure(link, reason)``: a connection attempt failed or was refused
+    (``link.failures`` counts them since the last progress), e.g. to fall
+    back to HTTP replication for a peer without a replication listener.
 
     ``event_accepted`` is the node's event listener; ``peers_changed`` the
     discovery's.
@@ -1004,7 +1029,7 @@ class StreamReplicator(Service):
 
     def __init__(self, log, node_id, secrets, clock, connect, *, window=4, max_frame_events=4096,
                  max_frame_bytes=2**20, handshake_timeout=5.0, ack_timeout=10.0, backoff_first=0.05,
-                 backoff_max=1.0, on_repair=None, on_ack=None, name_peer=None):
+                 backoff_max=1.0, on_repair=None, on_ack=None, name_peer=None, on_failure=None):
         self.log = log
         self.node_id = node_id
         self.secrets = normalise_secrets(secrets)
@@ -1019,6 +1044,7 @@ class StreamReplicator(Service):
         self.backoff_max = backoff_max
         self.on_repair = on_repair
         self.on_ack = on_ack
+        self.on_failure = on_failure
         self._name_peer = name_peer or _peer_name
         self.links = {}  # peer -> PeerStream
         self._link_list = ()
@@ -1119,3 +1145,68 @@ class StreamReplicator(Service):
 def _peer_name(peer):
     host, port = peer
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _Gate(Factory):
+    """The listener's factory: no protocol (the connection is closed at once)
+    until the owner opens."""
+
+    noisy = False
+
+    def __init__(self, owner):
+        self.owner = owner
+
+    def buildProtocol(self, addr):
+        owner = self.owner
+        if not owner.opened:
+            owner.turned_away += 1
+            return None
+        return owner.factory.buildProtocol(addr)
+
+
+class StreamListener(Service):
+    """Serves a ``ReceiverFactory`` on ``endpoint`` (a server endpoint),
+    refusing connections (closed at once, before any byte) until ``open()``:
+    a starting node takes its warm-start snapshot and records the serving
+    peer's log position (``factory.set_applied``) before any stream may
+    start. ``port`` is the port listened on (None before it listens), for
+    ``/v1/node/status``, from which peers learn where to connect."""
+
+    name = "stream-listener"
+
+    def __init__(self, endpoint, factory):
+        self.endpoint = endpoint
+        self.factory = factory
+        self.listening = None
+        self.opened = False
+        self.turned_away = 0  # connections closed because the node was not open yet
+
+    @property
+    def port(self):
+        return self.listening.getHost().port if self.listening is not None else None
+
+    def open(self, _=None):
+        self.opened = True
+        return _
+
+    def startService(self):
+        super().startService()
+        d = self.endpoint.listen(_Gate(self))
+        d.addCallbacks(self._listening, self._failed)
+        return d
+
+    def _failed(self, failure):
+        # The node still serves and replicates over HTTP: its status reports
+        # no stream port, so peers keep sending it HTTP batches.
+        log.failure("the replication stream listener could not listen; peers will use HTTP replication", failure)
+
+    def _listening(self, port):
+        self.listening = port
+        log.info("replication stream listener on port {port}", port=port.getHost().port)
+
+    def stopService(self):
+        super().stopService()
+        for protocol in list(self.factory.streams.values()):
+            protocol.transport.abortConnection()
+        listening, self.listening = self.listening, None
+        return listening.stopListening() if listening is not None else None

@@ -64,12 +64,16 @@ class WarmStart(Service):
     name = "warm-start"
 
     def __init__(self, node, client, discovery, clock, timeout=30.0, registry=None, shuffle=random.shuffle,
-                 before_resync=None, readiness=None):
+                 before_resync=None, readiness=None, on_position=None):
         self.node = node
         self.readiness = readiness if readiness is not None else node.readiness
         # Deferred-returning callable run before a resync takes its snapshot
         # (the replicator sends what it has queued).
         self._before_resync = before_resync
+        # fn(log_id, offset): the warm start merged a snapshot taken at that
+        # position of the serving peer's replication log (its stream resumes
+        # there). Called before the node reports ready.
+        self._on_position = on_position
         self.resyncing = None
         self.client = client
         self.discovery = discovery
@@ -127,6 +131,12 @@ class WarmStart(Service):
             attempts.append(f"{format_peer(peer)}: {result['outcome']}")
             if result["outcome"] == "complete":
                 result["seconds"] = perf_counter() - started
+                position = result.pop("position", None)
+                if position is not None and self._on_position is not None:
+                    try:
+                        self._on_position(*position)
+                    except Exception:
+                        log.failure("recording the snapshot's log position failed")
                 log.info("warm start from {peer} in {seconds:.3f} s: merged {requests} requests, "
                          "{tombstones} tombstones, {cache_engines} cache engines",
                          peer=format_peer(peer), seconds=result["seconds"], **result["merged"])
@@ -160,7 +170,8 @@ class WarmStart(Service):
         if merger.invalid:
             log.warn("warm start: {count} invalid snapshot entries from {peer} skipped, first: {reason}",
                      count=merger.invalid, peer=format_peer(peer), reason=merger.first_error)
-        return {"outcome": "complete", "peer": format_peer(peer), "merged": merger.merged}
+        return {"outcome": "complete", "peer": format_peer(peer), "merged": merger.merged,
+                "position": merger.position}
 
     def _finish(self, summary):
         if self.summary is not None:

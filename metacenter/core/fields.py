@@ -27,6 +27,71 @@ def json_type(value: object) -> str:
     return "object"
 
 
+class FieldTooLong(InvalidInput):
+    """A text field longer than its limit. ``field`` is the field's name,
+    ``maximum`` its limit and ``length`` the value's, in characters (code
+    points), for the refusal metric."""
+
+    def __init__(self, field: str, maximum: int, length: int, label: str | None = None):
+        label = label or f"field '{field}'"
+        super().__init__(f"{label} must be at most {maximum} characters long, got {length}")
+        self.field = field
+        self.maximum = maximum
+        self.length = length
+
+
+# Default lengths (characters). Generous for what gateways send (UUIDs, model
+# names, pod names, addresses) but finite: every name is kept in memory, in
+# every GET answer and /metrics line of its cluster; docs/deployment.md sizes
+# a node from them. The lease limit is issue 10's wire contract.
+DEFAULT_MAX_LENGTHS = {"request_id": 256, "cluster": 256, "ip": 64, "lease": 128}
+
+# The lengths in force (field -> characters): the process's settings
+# (``set_max_lengths``), shared by client requests, replicated events and
+# snapshot records alike. Read it, never write it: fast paths that skip the
+# checks here compare with it, to refuse what the checks would.
+MAX_LENGTHS = dict(DEFAULT_MAX_LENGTHS)
+_on_too_long = None
+
+
+def set_max_lengths(lengths: dict | None = None, on_too_long=None) -> None:
+    """Set the limits in force: ``lengths`` maps a field name (request_id,
+    cluster, ip, lease) to its maximum length in characters (a positive int;
+    ValueError otherwise); fields not named keep their defaults. Every field
+    named ``cluster`` (clusters lists, queries) is checked with the cluster's.
+    ``on_too_long(error)`` is called with each ``FieldTooLong`` before it is
+    raised (metrics, log); None for none."""
+    global _on_too_long
+    merged = dict(DEFAULT_MAX_LENGTHS)
+    for name, maximum in (lengths or {}).items():
+        if name not in DEFAULT_MAX_LENGTHS:
+            raise ValueError(f"no length limit for field {name!r}")
+        if isinstance(maximum, bool) or not isinstance(maximum, int) or maximum <= 0:
+            raise ValueError(f"the length limit of {name!r} must be a positive integer, got {maximum!r}")
+        merged[name] = maximum
+    MAX_LENGTHS.clear()
+    MAX_LENGTHS.update(merged)
+    _on_too_long = on_too_long
+
+
+def max_length(name: str) -> int | None:
+    """The length limit in force for field ``name`` (characters), or None."""
+    return MAX_LENGTHS.get(name)
+
+
+def check_length(value: str, name: str, label: str | None = None) -> str:
+    """``value`` unless it is longer than the limit of field ``name``: a
+    ``FieldTooLong`` whose reason starts with ``label`` (default "field
+    'NAME'"; e.g. "query parameter 'cluster'", "field 'ips' item 3")."""
+    maximum = MAX_LENGTHS.get(name)
+    if maximum is not None and len(value) > maximum:
+        error = FieldTooLong(name, maximum, len(value), label)
+        if _on_too_long is not None:
+            _on_too_long(error)
+        raise error
+    return value
+
+
 def checked_text(value: str, name: str) -> str:
     """``value`` unless it holds a lone surrogate (JSON can carry ``\\ud800``;
     UTF-8 cannot, so it would fail later, when written)."""
@@ -44,6 +109,10 @@ def required_string(obj: dict, name: str) -> str:
         raise InvalidInput(f"field '{name}' must be a string, got {json_type(value)}")
     if not value:
         raise InvalidInput(f"field '{name}' must not be empty")
+    # Before the surrogate scan, which walks the whole text.
+    maximum = MAX_LENGTHS.get(name)
+    if maximum is not None and len(value) > maximum:
+        check_length(value, name)
     return checked_text(value, name)
 
 
@@ -68,7 +137,10 @@ def canonical_ip(text: str) -> str:
 
 
 def ip_value(value: str, name: str) -> str:
-    """A string already known to be one, as a canonical IPv4/IPv6 address."""
+    """A string already known to be one, as a canonical IPv4/IPv6 address.
+    Its length is checked against the ``ip`` limit first (an address is at
+    most 45 characters; parsing a longer text is wasted work)."""
+    check_length(value, "ip", None if name == "ip" else f"field '{name}'")
     try:
         # The reference takes IPv4 only; IPv6 is an improvement.
         return canonical_ip(value)

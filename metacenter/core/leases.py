@@ -8,7 +8,7 @@ requests it releases; this module holds the record and the rules.
 """
 
 from metacenter.core.errors import InvalidInput
-from metacenter.core.fields import checked_text, json_type
+from metacenter.core.fields import check_length, checked_text, json_type, max_length
 
 LEASE_NAME_MAX = 128
 LEASE_TTL_MIN_MS = 1000
@@ -18,16 +18,18 @@ REFRESH_MAX_ITEMS = 10_000
 
 
 def lease_name(value: object, name: str = "lease") -> str:
-    """A lease name: a non-empty string of at most 128 characters of valid
-    Unicode text. Raises ``InvalidInput`` naming the field ``name``."""
+    """A lease name: a non-empty string of valid Unicode text, at most the
+    lease length limit (``fields.MAX_LENGTHS["lease"]``: 128 characters
+    unless ``--max-lease-length`` says otherwise). Raises ``InvalidInput``
+    (``FieldTooLong`` when too long) naming the field ``name``."""
     if value is None:
         raise InvalidInput(f"field '{name}' is required")
+    maximum = max_length("lease") or LEASE_NAME_MAX
     if not isinstance(value, str):
-        raise InvalidInput(f"field '{name}' must be a string of 1 to {LEASE_NAME_MAX} characters, "
-                           f"got {json_type(value)}")
-    if not 0 < len(value) <= LEASE_NAME_MAX:
-        raise InvalidInput(f"field '{name}' must be a string of 1 to {LEASE_NAME_MAX} characters, "
-                           f"got {len(value)} characters")
+        raise InvalidInput(f"field '{name}' must be a string of 1 to {maximum} characters, got {json_type(value)}")
+    if not value:
+        raise InvalidInput(f"field '{name}' must be a string of 1 to {maximum} characters, got an empty string")
+    check_length(value, "lease", f"field '{name}'")
     return checked_text(value, name)
 
 

@@ -164,6 +164,14 @@ def endpoint_description(text):
     return text
 
 
+def replication_endpoint(text):
+    """``auto`` (the interface of --listen, a port the system picks), ``none``
+    (no stream: HTTP replication only, as before) or a server endpoint."""
+    if isinstance(text, str) and text.strip().lower() in ("auto", "none"):
+        return text.strip().lower()
+    return endpoint_description(text)
+
+
 def text_value(text):
     if not isinstance(text, str):
         raise ValueError(f"expected a string, got {text!r}")
@@ -250,6 +258,31 @@ SETTINGS = (
     Setting("reactor-lag-interval", positive_duration, 0.05,
             "How often the reactor lag probe ticks (metacenter_reactor_lag_seconds).",
             env=("METACENTER_REACTOR_LAG_INTERVAL",)),
+    # -- bounds (docs/deployment.md, Memory sizing) ---------------------------------
+    Setting("max-request-id-length", positive_int, 256,
+            "Longest request_id in characters; longer ones get 400 (clients, peers and snapshots alike).",
+            env=("METACENTER_MAX_REQUEST_ID_LENGTH",)),
+    Setting("max-cluster-length", positive_int, 256,
+            "Longest cluster name in characters; longer ones get 400. The longest URL accepted follows from it, "
+            "so every cluster written can be read with GET.",
+            env=("METACENTER_MAX_CLUSTER_LENGTH",)),
+    Setting("max-ip-length", positive_int, 64,
+            "Longest engine ip text in characters (before it is parsed); longer ones get 400.",
+            env=("METACENTER_MAX_IP_LENGTH",)),
+    Setting("max-lease-length", positive_int, 128, "Longest gateway lease name in characters; longer ones get 400.",
+            env=("METACENTER_MAX_LEASE_LENGTH",)),
+    Setting("max-clusters", positive_int, 50000,
+            "Clusters at most; a client's add that would create one more gets 429 (peers' events are applied).",
+            env=("METACENTER_MAX_CLUSTERS",)),
+    Setting("max-engines-per-cluster", positive_int, 10000,
+            "Engines of one cluster at most; a client's add that would create one more gets 429.",
+            env=("METACENTER_MAX_ENGINES_PER_CLUSTER",)),
+    Setting("max-engines", positive_int, 100000,
+            "Engines over all clusters at most; a client's add that would create one more gets 429.",
+            env=("METACENTER_MAX_ENGINES",)),
+    Setting("max-requests", positive_int, 2000000,
+            "In-flight requests of the node at most; a client's add of one more gets 429.",
+            env=("METACENTER_MAX_REQUESTS",)),
     # -- the KV-cache index (docs/cache.md) ---------------------------------------
     Setting("cache-engine-blocks", positive_int, 16384,
             "KV-cache blocks (512 prompt bytes each) remembered per engine; the least recently used go first.",
@@ -296,6 +329,19 @@ SETTINGS = (
     Setting("replica-probe-interval", positive_duration, 60.0,
             "How often a peer without the batch endpoint (a reference node) is asked again for batches.",
             env=("METACENTER_REPLICA_PROBE_INTERVAL",)),
+    Setting("replication-listen", replication_endpoint, "auto",
+            "Twisted endpoint of the replication stream listener (e.g. tcp:7070, ssl:7070:...); 'auto': the "
+            "interface of --listen on a port the system picks (peers learn it from /v1/node/status); 'none': no "
+            "stream, HTTP replication only (as before).", env=("METACENTER_REPLICATION_LISTEN",)),
+    Setting("replication-port", port_number, None,
+            "Port of the peers' replication listeners (when a Service or firewall maps it); default: the port "
+            "each peer reports on /v1/node/status.", env=("METACENTER_REPLICATION_PORT",)),
+    Setting("replication-window", positive_int, 4,
+            "Replication frames sent to a peer and not yet acknowledged, at most.",
+            env=("METACENTER_REPLICATION_WINDOW",)),
+    Setting("replication-log-capacity", positive_int, 200000,
+            "Events the replication log holds; a peer further behind needs a repair (anti-entropy).",
+            env=("METACENTER_REPLICATION_LOG_CAPACITY",)),
     Setting("anti-entropy-interval", positive_duration, 10.0,
             "How often a node compares its state digests with every peer and repairs differences.",
             env=("METACENTER_ANTI_ENTROPY_INTERVAL",)),

@@ -121,6 +121,12 @@ class CacheCollector:
                                 value=index.approx_bytes())
 
 
+# The label values of metacenter_limit_refusals_total: a fixed set.
+LENGTH_LIMIT_NAMES = ("request_id_length", "cluster_length", "ip_length", "lease_length", "url_length")
+COUNT_LIMIT_NAMES = ("clusters", "engines_per_cluster", "engines", "requests", "leases")
+LIMIT_NAMES = LENGTH_LIMIT_NAMES + COUNT_LIMIT_NAMES
+
+
 class CountsFamily:
     """A counter family kept as plain ints and exposed when scraped.
 
@@ -179,6 +185,81 @@ class HistogramFamily:
         yield family
 
 
+STREAM_LAG_BUCKETS_S = (0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25,
+                        0.5, 1, 2.5, 5, 10, 30)
+
+
+class StreamCollector:
+    """The replication stream's series, read at scrape time from the plain
+    counters of the sender's links (per peer), the receiver and the log."""
+
+    _PEER_COUNTERS = (
+        ("frames_sent", "metacenter_stream_frames_sent", "Frames sent to a peer."),
+        ("events_sent", "metacenter_stream_events_sent", "Events sent to a peer (in frames)."),
+        ("bytes_sent", "metacenter_stream_sent_bytes", "Bytes sent to a peer on its stream."),
+        ("reconnects", "metacenter_stream_reconnects", "Stream connections to a peer after its first."),
+        ("resumes", "metacenter_stream_resumes", "Reconnections that resumed at the peer's acknowledged offset."),
+        ("fresh_starts", "metacenter_stream_fresh_starts",
+         "Connections to a peer that did not know this log (it or this node restarted)."),
+        ("repairs", "metacenter_stream_repairs",
+         "Times a peer fell behind the log: entries it lacked were gone, anti-entropy repairs it."),
+        ("rejected", "metacenter_stream_rejected_events", "Events a peer refused as invalid."),
+    )
+    _RECEIVER_COUNTERS = (
+        ("frames", "metacenter_stream_received_frames", "Frames received from peers."),
+        ("events", "metacenter_stream_received_events", "Valid events received from peers (applied)."),
+        ("rejected", "metacenter_stream_received_rejected_events", "Events from peers refused as invalid."),
+        ("bytes", "metacenter_stream_received_bytes", "Bytes received on replication streams."),
+        ("gaps", "metacenter_stream_received_gaps", "Gaps announced by senders (this node needed a repair)."),
+        ("skipped", "metacenter_stream_received_skipped_events", "Events lost in announced gaps."),
+        ("handshake_failures", "metacenter_stream_handshake_failures",
+         "Incoming stream connections refused during the handshake (bad secret, replay, protocol)."),
+        ("apply_errors", "metacenter_stream_apply_errors", "Frames whose application failed (a bug)."),
+    )
+
+    def __init__(self, streams, replicator):
+        self.streams = streams
+        self.replicator = replicator
+
+    def collect(self):
+        sender, receiver, log = self.streams.sender, self.streams.receiver, self.streams.log
+        links = list(sender.links.values())
+        gauges = (
+            (GaugeMetricFamily("metacenter_stream_lag_events", "Events appended and not yet acknowledged by a peer.",
+                               labels=["peer"]), lambda link: link.lag_events()),
+            (GaugeMetricFamily("metacenter_stream_lag_seconds",
+                               "Age of the oldest event a peer has not acknowledged (0 when none).",
+                               labels=["peer"]), lambda link: link.lag_seconds()),
+            (GaugeMetricFamily("metacenter_stream_window_frames", "Frames sent to a peer and not yet acknowledged.",
+                               labels=["peer"]), lambda link: link.window_in_use()),
+            (GaugeMetricFamily("metacenter_stream_connected", "1 while the stream to a peer is established.",
+                               labels=["peer"]), lambda link: 1 if link.connected else 0),
+        )
+        for family, read in gauges:
+            for link in links:
+                family.add_metric([link.name], read(link))
+            yield family
+        for attribute, name, help_text in self._PEER_COUNTERS:
+            family = CounterMetricFamily(name, help_text, labels=["peer"])
+            for link in links:
+                family.add_metric([link.name], getattr(link, attribute))
+            yield family
+        if receiver is not None:
+            for attribute, name, help_text in self._RECEIVER_COUNTERS:
+                yield CounterMetricFamily(name, help_text, value=getattr(receiver, attribute))
+            yield GaugeMetricFamily("metacenter_stream_incoming", "Peers streaming to this node now.",
+                                    value=len(receiver.streams))
+        yield GaugeMetricFamily("metacenter_stream_log_entries", "Entries held in the replication log.",
+                                value=len(log))
+        yield GaugeMetricFamily("metacenter_stream_log_bytes", "Encoded bytes held in the replication log.",
+                                value=log.bytes)
+        yield CounterMetricFamily("metacenter_stream_log_evicted", "Entries dropped off the log's tail.",
+                                  value=log.evicted)
+        yield CounterMetricFamily("metacenter_stream_http_fallbacks",
+                                  "Times a streaming peer went back to HTTP replication (no stream any more).",
+                                  value=self.replicator.fallbacks)
+
+
 class Metrics:
     """All series of one node."""
 
@@ -219,8 +300,25 @@ class Metrics:
             "than --request-deadline), idle (no request for --idle-timeout).", ["reason"])
         for reason in ("slow_request", "idle"):
             self.http_dropped.inc((reason,), 0)
+        # Bounds (core.fields lengths, core.limits counts); label values are
+        # the fixed limit names, so the series are few.
+        self.limit_refusals = CountsFamily(
+            "metacenter_limit_refusals",
+            "Client requests refused by a bound, by limit: a field too long (request_id_length, cluster_length, "
+            "ip_length, lease_length; also in replicated events and snapshots), a request line too long (url_length) "
+            "or a count reached (clusters, "
+            "engines_per_cluster, engines, requests, leases).", ["limit"])
+        for limit in LIMIT_NAMES:
+            self.limit_refusals.inc((limit,), 0)
+        self.limit_overruns = CountsFamily(
+            "metacenter_limit_overruns",
+            "Peers' events applied although they took a count over this node's limit (peers are never refused, "
+            "so replicas agree), by limit.", ["limit"])
+        for limit in COUNT_LIMIT_NAMES:
+            self.limit_overruns.inc((limit,), 0)
         for family in (self.http_status, self.http_duration, self.replication_latency, self.events, self.reactor_lag,
-                       self.http_connections, self.http_refused, self.http_dropped):
+                       self.http_connections, self.http_refused, self.http_dropped, self.limit_refusals,
+                       self.limit_overruns):
             r.register(family)
 
         Gauge("metacenter_node_alive", "1 while the node runs.", registry=r).set(1)
@@ -233,6 +331,19 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10), registry=r)
         self.expired = Counter("metacenter_expired", "Entries removed by expiry.", ["kind"], registry=r)
         self._status_labels = {}
+
+    def stream_metrics(self, streams, replicator):
+        """Registers the replication stream's series (``StreamCollector``)
+        and returns the per-peer acknowledgement lag histogram
+        (``metacenter_stream_ack_lag_seconds``: per acknowledgement, the
+        age of the oldest event it acknowledged), to observe
+        ``((peer,), seconds)``."""
+        self.registry.register(StreamCollector(streams, replicator))
+        lag = HistogramFamily("metacenter_stream_ack_lag_seconds",
+                              "Per stream acknowledgement, the age of the oldest event it acknowledged.", ["peer"],
+                              STREAM_LAG_BUCKETS_S)
+        self.registry.register(lag)
+        return lag
 
     def observe_http(self, url, method, status, seconds):
         key = (url, method, status)

@@ -14,11 +14,12 @@ import time
 from twisted.internet import task
 
 from metacenter import __version__
-from metacenter.core import picking
 from metacenter.core.cache import CacheIndex
+from metacenter.core import picking
 from metacenter.core.events import (EVENT_ADD, EVENT_CACHE_SAVE, EVENT_DELETE, EVENT_ENGINE_RESET,
                                     EVENT_LEASE_KEEPALIVE, EVENT_LEASE_REVOKE, EVENT_PROMPT_DELETE, EVENT_REFRESH,
-                                    LeaseKeepalive, LoadAdd, LoadDelete, ORIGIN_CLIENT)
+                                    LeaseKeepalive, LoadAdd, LoadDelete, ORIGIN_CLIENT, ORIGIN_PEER)
+from metacenter.core.limits import CountLimits
 from metacenter.core.load import LoadState
 from metacenter.runtime import logs
 from metacenter.runtime.metrics import CacheCollector, Metrics
@@ -77,13 +78,22 @@ class Node:
       every accepted client mutation (replication); ``event_listeners`` is
       the list, which subscribers may append to.
     - ``advertise``: this node's addresses, for status and snapshots.
+    - ``limits``: the ``core.limits.CountLimits`` a client's add must keep
+      (the defaults if None); a peer's events are applied over them and
+      counted (``metacenter_limit_overruns_total``).
+    - ``replication``: a callable returning what ``status()`` shows under
+      ``"stream"`` (this node's replication listener: port, log id, the
+      streams it receives), or None without one; None by default.
+    - ``log_position``: a callable returning ``(log_id, offset)`` of this
+      node's replication log (``ReplicationLog.position``), written in the
+      header of the snapshots it serves; None without a log.
     - ``lease_timer``: the ``sweeper.LeaseTimer`` that ends due leases and
       releases their requests (a revoke kicks it), or None.
     - ``rng``: the ``random.Random`` a pick breaks equal scores with.
     """
 
     def __init__(self, state, cache, metrics, clock, *, readiness, cooperate, peer_status=_no_peers, listeners=(),
-                 advertise="", lease_timer=None, rng=None):
+                 advertise="", limits=None, replication=None, log_position=None, lease_timer=None, rng=None):
         self.state = state
         self.cache = cache
         self.metrics = metrics
@@ -93,6 +103,10 @@ class Node:
         self.peer_status = peer_status
         self.event_listeners = list(listeners)
         self.advertise = advertise
+        self.limits = limits if limits is not None else CountLimits()
+        self._limits_log = logs.ThrottledLog(logs.logger("metacenter.runtime.limits"), clock, 60.0)
+        self.replication = replication
+        self.log_position = log_position
         self.lease_timer = lease_timer
         self.rng = rng if rng is not None else random.Random()
         self.started_at_ns = int(time.time() * 1e9)
@@ -141,10 +155,12 @@ class Node:
         applied: an add stamped with the time now if it had no timestamp
         (ns) and without its ``if_updated_time`` (a condition checked here,
         never replicated), a keepalive with its resolved ``ttl_ms``. A
-        refused event (``InvalidInput``, ``Conflict``) changes nothing and
-        goes nowhere."""
+        refused event (``InvalidInput``, ``Conflict``, ``LimitReached``)
+        changes nothing and goes nowhere."""
         state = self.state
         if event_type == EVENT_ADD or event_type == EVENT_DELETE or event_type == EVENT_PROMPT_DELETE:
+            if event_type == EVENT_ADD:
+                self._within_limits(event, origin)
             self.metrics.observe_event_timestamp(event.timestamp, self.clock.seconds())
             if origin == ORIGIN_CLIENT:
                 event = self._stamped(event)
@@ -157,35 +173,41 @@ class Node:
             else:
                 result = state.delete_prompt(event.request_id)
             changed = result
-        elif event_type == EVENT_ENGINE_RESET:
-            result = picking.reset_engine(state, self.cache, event.cluster, event.ip)
-            changed = result != (0, 0)
-        elif event_type == EVENT_LEASE_KEEPALIVE:
-            result = state.keepalive(event.lease, event.ttl_ms)
-            event = LeaseKeepalive((event.lease, result["ttl_ms"]))
-            changed = True
-        elif event_type == EVENT_LEASE_REVOKE:
-            result = state.revoke_lease(event.lease)
-            changed = result > 0
-            if state.releasing and self.lease_timer is not None:
-                self.lease_timer.run()  # the rest of its requests, a step per turn
-        elif event_type == EVENT_REFRESH:
-            result = state.refresh(event.request_ids)
-            changed = result > 0
         else:
-            raise ValueError(f"unknown event type {event_type!r}")
+            result, changed, event = self._run_ours(event_type, event)
         self.metrics.observe_event(event_type, origin, changed)
         if origin == ORIGIN_CLIENT:
             for listener in self.event_listeners:
                 listener(event_type, event, trace_id)
         return result
 
+    def _run_ours(self, event_type, event):
+        """(the core's answer, changed, the event to replicate) of a reset,
+        keepalive, revoke or refresh."""
+        state = self.state
+        if event_type == EVENT_ENGINE_RESET:
+            result = picking.reset_engine(state, self.cache, event.cluster, event.ip)
+            return result, result != (0, 0), event
+        if event_type == EVENT_LEASE_KEEPALIVE:
+            result = state.keepalive(event.lease, event.ttl_ms)
+            return result, True, LeaseKeepalive((event.lease, result["ttl_ms"]))
+        if event_type == EVENT_LEASE_REVOKE:
+            result = state.revoke_lease(event.lease)
+            if state.releasing and self.lease_timer is not None:
+                self.lease_timer.run()  # the rest of its requests, a step per turn
+            return result, result > 0, event
+        if event_type == EVENT_REFRESH:
+            result = state.refresh(event.request_ids)
+            return result, result > 0, event
+        raise ValueError(f"unknown event type {event_type!r}")
+
     def pick(self, request, trace_id=None):
         """Pick-and-book (``core.picking.pick``): ``request`` holds its keyword
         arguments (``bodies.route_pick``). Returns ``{"ip", "score",
         "cache_length", "queued_req_num"}``; a booking is an add, replicated
         as one (stamped now). ``NotFound``, ``Conflict``, ``InvalidInput``
-        as ``pick``'s."""
+        as ``pick``'s. (The count limits are checked on the add path only:
+        a pick's engine is known only once chosen.)"""
         now_ns = int(self.clock.seconds() * 1e9)
         answer = picking.pick(self.state, self.cache, rng=self.rng, timestamp_ns=now_ns, **request)
         booked = answer.pop("booked")
@@ -196,6 +218,84 @@ class Node:
             for listener in self.event_listeners:
                 listener(EVENT_ADD, event, trace_id)
         return answer
+
+    def _within_limits(self, event, origin):
+        """Refuse a client's add over a count limit (``LimitReached``, before
+        anything changed); a peer's is applied anyway, and counted."""
+        reached = self.limits.exceeded(self.state, event.cluster, event.request_id, event.ip)
+        if reached is None:
+            return
+        if origin != ORIGIN_CLIENT:
+            self.metrics.limit_overruns.inc((reached.limit,))
+            self._limits_log.emit("overrun:" + reached.limit, None, "warn",
+                                  "applied a peer's event over a count limit ({reason}); the peers' limits differ "
+                                  "or they admitted it meanwhile", reason=reached.reason, limit=reached.limit)
+            return
+        self.metrics.limit_refusals.inc((reached.limit,))
+        self._limits_log.emit(reached.limit, None, "warn", "refusing clients' adds: {reason}",
+                              reason=reached.reason, limit=reached.limit)
+        raise reached
+
+    def field_too_long(self, error):
+        """A request's or a peer's field refused for its length
+        (``core.fields.FieldTooLong``): counted and logged, throttled."""
+        limit = error.field + "_length"
+        self.metrics.limit_refusals.inc((limit,))
+        self._limits_log.emit(limit, None, "info", "refused a field longer than its limit: {reason}",
+                              reason=error.reason, limit=limit)
+
+    def apply_frame(self, events):
+        """A frame of a peer's replication stream: ``events`` is a list of
+        ``(event_type, typed event)`` pairs, already validated
+        (``stream.decode_entries``), applied in order as peer events (never
+        replicated again). Metrics are updated once per frame, not per event:
+        effect counts per type, and the replication latency of the frame's
+        newest timestamp. Returns how many changed the state. An event type
+        without an applier raises ``KeyError`` after the ones before it were
+        applied (the receiver logs and counts it)."""
+        state = self.state
+        add, delete, delete_prompt, save = state.add, state.delete, state.delete_prompt, self.cache.save
+        counts = {}
+        newest = None
+        changed_total = 0
+        for event_type, event in events:
+            if event_type == EVENT_ADD:
+                self._within_limits(event, ORIGIN_PEER)  # applied anyway; an overrun is counted
+                timestamp = event[4]
+                changed = add(event[0], event[1], event[2], event[3], timestamp, *event[5:7])
+            elif event_type == EVENT_DELETE:
+                timestamp = event[1]  # for the latency metric only: deletes ignore it
+                changed = delete(event[0])
+            elif event_type == EVENT_PROMPT_DELETE:
+                timestamp = event[1]
+                changed = delete_prompt(event[0])
+            elif event_type == EVENT_CACHE_SAVE:
+                timestamp = None
+                changed = save(event[0], event[2], event[1]) > 0
+            else:
+                # Event types added later (engine resets, leases ...) bring
+                # their own applier: fn(node, event) -> changed.
+                timestamp = None
+                changed = self.peer_appliers[event_type](self, event)
+            if timestamp is not None and (newest is None or timestamp > newest):
+                newest = timestamp
+            key = (event_type, changed)
+            counts[key] = counts.get(key, 0) + 1
+            changed_total += changed
+        metrics = self.metrics
+        for (event_type, changed), count in counts.items():
+            metrics.events.inc((event_type, ORIGIN_PEER, "applied" if changed else "no_change"), count)
+        if newest is not None:
+            metrics.observe_event_timestamp(newest, self.clock.seconds())
+        return changed_total
+
+    # Appliers of peer event types beyond the four above, by event type.
+    peer_appliers = {
+        EVENT_ENGINE_RESET: lambda node, event: node._run_ours(EVENT_ENGINE_RESET, event)[1],
+        EVENT_LEASE_KEEPALIVE: lambda node, event: node._run_ours(EVENT_LEASE_KEEPALIVE, event)[1],
+        EVENT_LEASE_REVOKE: lambda node, event: node._run_ours(EVENT_LEASE_REVOKE, event)[1],
+        EVENT_REFRESH: lambda node, event: node._run_ours(EVENT_REFRESH, event)[1],
+    }
 
     def save_cache(self, event, trace_id=None, origin=ORIGIN_CLIENT):
         """Engine ``ip`` now holds the KV cache of ``prompt_hash``'s prefixes;
@@ -241,6 +341,7 @@ class Node:
             "clusters": len(state.clusters),
             "peers": self.peer_status(),
             "log_level": logs.current_level(),
+            **({"stream": stream} if (stream := self.replication and self.replication()) else {}),
         }
 
     def status(self):
@@ -254,7 +355,8 @@ class Node:
 
 def build_node(clock, *, request_expire=660.0, tombstone_ttl=60.0, cache_engine_blocks=None, cache_ttl=None,
                cache_max_blocks=None, advertise="", registry=None, readiness=None, cooperate=None,
-               peer_status=_no_peers, listeners=(), lease_ttl=10.0, rng=None):
+               peer_status=_no_peers, listeners=(), count_limits=None, replication=None, log_position=None,
+               lease_ttl=10.0, rng=None):
     """A node with its load table, KV-cache index and metrics wired together:
     the one place that does it (makeService, in-process tests).
 
@@ -262,7 +364,8 @@ def build_node(clock, *, request_expire=660.0, tombstone_ttl=60.0, cache_engine_
     series (a new one if None). ``readiness``: a ``Readiness`` (ready if
     None). ``cooperate``: the cooperator for big jobs (Twisted's global one if
     None; a process passes ``turns.chunk_per_turn(reactor).cooperate``).
-    ``peer_status`` and ``listeners`` as for ``Node``. ``lease_ttl``: the
+    ``peer_status``, ``listeners``, ``replication`` and ``log_position`` as
+    for ``Node``; ``count_limits`` is its ``limits``. ``lease_ttl``: the
     default lease TTL in seconds (``--lease-ttl``). ``rng``: as for ``Node``.
     """
     state = LoadState(clock, request_expire=request_expire, tombstone_ttl=tombstone_ttl, lease_ttl=lease_ttl)
@@ -276,4 +379,5 @@ def build_node(clock, *, request_expire=660.0, tombstone_ttl=60.0, cache_engine_
     cooperate = cooperate if cooperate is not None else task.cooperate
     return Node(state, cache, metrics, clock, readiness=readiness if readiness is not None else Readiness(),
                 cooperate=cooperate, peer_status=peer_status, listeners=listeners, advertise=advertise,
+                limits=count_limits, replication=replication, log_position=log_position,
                 lease_timer=LeaseTimer(state, metrics, cooperate), rng=rng)

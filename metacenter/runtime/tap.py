@@ -9,6 +9,8 @@ stall watch. The node and its collaborators are built first, in one call
 
 import gc
 import os
+import re
+import socket
 import sys
 
 from prometheus_client import CollectorRegistry
@@ -19,12 +21,16 @@ from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from metacenter.api.server import MetacenterAPI
-from metacenter.api.site import MetacenterSite
+from metacenter.api.site import MetacenterSite, url_limit
 from metacenter.cluster.antientropy import AntiEntropy
 from metacenter.cluster.auth import PeerAuthenticator, PeerVerdicts
 from metacenter.cluster.discovery import PeerDiscovery
-from metacenter.cluster.replication import PeerClient, Replicator, make_http_client
+from metacenter.cluster.replication import PeerClient, Replicator, StreamOrHttp, make_http_client
 from metacenter.cluster.warmstart import StallWatch, WarmStart
+from metacenter.core import fields
+from metacenter.core.limits import CountLimits
+from metacenter.cluster.stream import ReceiverFactory, StreamListener, StreamReplicator
+from metacenter.core.replog import ReplicationLog
 from metacenter.runtime import config as config_module
 from metacenter.runtime import logs
 from metacenter.runtime.node import Readiness, build_node
@@ -118,7 +124,57 @@ def _peer_client(cfg, reactor, verdicts):
     return client, authenticator
 
 
-def _add_cluster_services(top, cfg, node, replicator, client, reactor, verdicts):
+def _replication_listen(cfg):
+    """``--replication-listen`` as a server endpoint string; ``auto``: TCP on
+    the interface of ``--listen``, on a port the system picks."""
+    if cfg.replication_listen != "auto":
+        return cfg.replication_listen
+    interface = re.search(r"(?:^|:)interface=((?:\\:|[^:])+)", cfg.listen)
+    return "tcp:0" + (f":interface={interface.group(1)}" if interface else "")
+
+
+class _Streams:
+    """The stream side of a node: its log, the sender and the receiver."""
+
+    def __init__(self, cfg, reactor, node_id, secrets, registry):
+        self.log = ReplicationLog(reactor, capacity=cfg.replication_log_capacity)
+        self.anti_entropy = None  # set once built: repairs go through it
+        self.lag = None  # the sender's ack-lag histogram, set with the metrics
+        self.replicator = None  # the StreamOrHttp, which also feeds the HTTP replication series
+        self.sender = StreamReplicator(self.log, node_id, secrets, reactor, None, window=cfg.replication_window,
+                                       on_repair=self._repair, on_ack=self._acked)
+        self.receiver = None
+        self.listener = None
+
+    def listen(self, cfg, reactor, node_id, secrets, apply_frame):
+        self.receiver = ReceiverFactory(node_id, secrets, apply_frame, reactor, own_log_id=self.log.log_id,
+                                        on_gap=self._gap)
+        self.listener = StreamListener(serverFromString(reactor, _replication_listen(cfg)), self.receiver)
+
+    def _repair(self, link, skipped):
+        if self.anti_entropy is not None and self.anti_entropy.running:
+            self.anti_entropy.exchange(link.peer)
+
+    def _gap(self, peer_node, log_id, skipped):
+        if self.anti_entropy is not None and self.anti_entropy.running:
+            self.anti_entropy.round()
+
+    def _acked(self, link, events, lag_seconds):
+        if self.lag is not None:
+            self.lag.observe((link.name,), lag_seconds)
+        if self.replicator is not None:
+            self.replicator.stream_acked(link, events, lag_seconds)
+
+    def status(self):
+        """``/v1/node/status``'s ``stream``: where peers connect, this node's
+        log, and the streams it receives; None while not listening."""
+        if self.listener is None or self.listener.port is None:
+            return None
+        return {"port": self.listener.port, "log": self.log.log_id, "open": self.listener.opened,
+                "receiving": self.receiver.status()}
+
+
+def _add_cluster_services(top, cfg, node, replicator, client, reactor, verdicts, streams=None):
     """Peers (discovery), replication to them, the warm start from them,
     anti-entropy with them and the stall watch, as children of ``top``."""
     discovery = PeerDiscovery.from_config(cfg, clock=reactor, registry=node.metrics.registry)
@@ -127,13 +183,20 @@ def _add_cluster_services(top, cfg, node, replicator, client, reactor, verdicts)
     replicator.setServiceParent(top)
     discovery.setServiceParent(top)
     warm_start = WarmStart(node, client, discovery, reactor, timeout=cfg.warm_start_timeout,
-                           before_resync=replicator.drain)
+                           before_resync=replicator.drain,
+                           on_position=streams.receiver.set_applied if streams is not None else None)
     warm_start.setServiceParent(top)
+    if streams is not None:
+        # Streams start only once the snapshot's log position is recorded.
+        streams.listener.setServiceParent(top)
+        warm_start.when_done().addBoth(streams.listener.open)
     anti_entropy = AntiEntropy(
         node, client, lambda: discovery.peers, reactor, interval=cfg.anti_entropy_interval, max_body=cfg.max_body,
         start_after=warm_start.when_done(),
         on_isolation=lambda since, seconds: warm_start.resync(since, f"no peer answered for {seconds:.0f} s"))
     anti_entropy.setServiceParent(top)
+    if streams is not None:
+        streams.anti_entropy = anti_entropy
     StallWatch(reactor, anti_entropy.isolation_threshold,
                lambda since, seconds: warm_start.resync(since, f"this process did not run for {seconds:.0f} s")
                ).setServiceParent(top)
@@ -198,20 +261,41 @@ def makeService(options, reactor=None):
     replicator = Replicator(client, reactor, registry=registry, batch_size=cfg.replica_batch_size,
                             batch_interval=cfg.replica_batch_interval, queue_size=cfg.replica_queue_size,
                             max_batch_bytes=cfg.max_body, probe_interval=cfg.replica_probe_interval)
+    streams = None
+    advertise = ",".join(cfg.advertise)
+    if cfg.replication_listen != "none":
+        # How this node names itself in stream handshakes (logs, status).
+        node_id = advertise or f"{socket.gethostname()}:{os.getpid()}"
+        secrets = cfg.cluster_secret  # every secret: the first signs, any verifies (rotation)
+        streams = _Streams(cfg, reactor, node_id, secrets, registry)
+        replicator = StreamOrHttp(streams.sender, replicator, client, reactor, port=cfg.replication_port,
+                                  probe_interval=cfg.replica_probe_interval)
+        streams.sender.connect = replicator.endpoint(reactor, cfg.replica_dial_timeout)
+        streams.sender.on_failure = replicator.on_stream_failure
+        streams.replicator = replicator
     node = build_node(reactor, request_expire=cfg.request_expire, tombstone_ttl=cfg.tombstone_ttl,
                       cache_engine_blocks=cfg.cache_engine_blocks, cache_ttl=cfg.cache_ttl,
-                      cache_max_blocks=cfg.cache_max_blocks, advertise=",".join(cfg.advertise),
+                      cache_max_blocks=cfg.cache_max_blocks, advertise=advertise,
                       registry=registry, readiness=readiness, cooperate=chunk_per_turn(reactor).cooperate,
                       peer_status=replicator.peer_status, listeners=[replicator.event_accepted],
-                      lease_ttl=cfg.lease_ttl)
-    api = MetacenterAPI(node, node.metrics)
-    if authenticator.enabled:
-        api.peer_auth = authenticator
+                      lease_ttl=cfg.lease_ttl,
+                      count_limits=CountLimits(max_clusters=cfg.max_clusters,
+                                               max_engines_per_cluster=cfg.max_engines_per_cluster,
+                                               max_engines=cfg.max_engines, max_requests=cfg.max_requests),
+                      replication=streams.status if streams is not None else None,
+                      log_position=streams.log.position if streams is not None else None)
+    fields.set_max_lengths({"request_id": cfg.max_request_id_length, "cluster": cfg.max_cluster_length,
+                            "ip": cfg.max_ip_length, "lease": cfg.max_lease_length},
+                           on_too_long=node.field_too_long)
+    if streams is not None:
+        streams.listen(cfg, reactor, node_id, secrets, node.apply_frame)
+        streams.lag = node.metrics.stream_metrics(streams, replicator)
+    api = MetacenterAPI(node, node.metrics, peer_auth=authenticator if authenticator.enabled else None)
 
     top = MultiService()
     site = MetacenterSite(api.resource(), max_body=cfg.max_body, access_log=cfg.access_log, reactor=reactor,
                           metrics=node.metrics, request_deadline=cfg.request_deadline, idle_timeout=cfg.idle_timeout,
-                          max_connections=cfg.max_connections)
+                          max_connections=cfg.max_connections, max_url=url_limit(cfg.max_cluster_length))
     APIListener(cfg.listen, site, reactor).setServiceParent(top)
     LagProbe(reactor, lambda lag: node.metrics.reactor_lag.observe((), lag),
              interval=cfg.reactor_lag_interval).setServiceParent(top)
@@ -224,7 +308,7 @@ def makeService(options, reactor=None):
     Periodic(LEASE_INTERVAL, node.lease_timer.run, what="lease expiry", clock=reactor,
              log=logs.logger("metacenter.runtime.sweeper")).setServiceParent(top)
 
-    _add_cluster_services(top, cfg, node, replicator, client, reactor, verdicts)
+    _add_cluster_services(top, cfg, node, replicator, client, reactor, verdicts, streams)
 
     # Everything built so far lives as long as the process: move it out of the
     # cyclic collector's way, so full collections only walk what is new.

@@ -150,6 +150,7 @@ def test_error_codes_match_envelope_py():
         envelope.CODE_CONFLICT: envelope.conflict("x", {"ip": "10.0.0.1"}),
         envelope.CODE_METHOD: envelope.method_not_allowed(["GET"]),
         envelope.CODE_TOO_LARGE: envelope.too_large(1),
+        envelope.CODE_LIMIT: envelope.limit_reached("x"),
         envelope.CODE_UNAUTHORIZED: envelope.unauthorized("x"),
         envelope.CODE_UNAVAILABLE: envelope.unavailable("x"),
         envelope.CODE_INTERNAL: envelope.internal(),

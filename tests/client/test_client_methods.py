@@ -19,7 +19,7 @@ from metacenter.client import AsyncClient, Client, MetacenterError, NodeUnavaila
 from nodeproc import free_port
 
 PROMPT = bytes((7 * i) % 256 for i in range(1200))
-HASHES = [4269816323887316428, 4738464904102037223, 8673195530823563900]  # WIRE.md's known answer
+HASHES = [4269816323887316428, 4738464904102037223, 8673195530823563900]  # the gateway's known answer (docs/cache.md)
 
 
 class Api:

@@ -2,6 +2,11 @@
 finding each other through a DNS server on loopback, signing replication
 with a cluster secret.
 
+These nodes run without the replication stream (``--replication-listen
+none``): they test the HTTP replication (batches, queues, drops, repairs)
+that mixed clusters and rolling upgrades rely on. test_stream_cluster.py
+runs the stream.
+
 The DNS server runs in this test's reactor, so nothing here blocks it: HTTP
 goes through treq, and node processes are started from a thread.
 
@@ -107,9 +112,11 @@ def make_ops(rng, prefix, count, clusters):
 
 
 class Cluster:
-    def __init__(self, dns, port):
+    def __init__(self, dns, port, extra=("--anti-entropy-interval", f"{ANTI_ENTROPY_INTERVAL}s",
+                                         "--replica-queue-size", str(QUEUE_SIZE), "--replication-listen", "none")):
         self.dns = dns
         self.port = port
+        self.extra = tuple(extra)
         self.nodes = [self.make_node(host) for host in HOSTS]
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 64
@@ -121,8 +128,7 @@ class Cluster:
     def make_node(self, host):
         return NodeProcess(
             host, self.port, "--peers-dns", NAME, "--dns-server", self.dns.address, "--dns-interval", "0.5s",
-            "--peer-port", str(self.port), "--advertise", host, "--cluster-secret", SECRET,
-            "--anti-entropy-interval", f"{ANTI_ENTROPY_INTERVAL}s", "--replica-queue-size", str(QUEUE_SIZE))
+            "--peer-port", str(self.port), "--advertise", host, "--cluster-secret", SECRET, *self.extra)
 
     def start(self, index):
         """Start node ``index`` from a thread (the reactor keeps answering

@@ -90,6 +90,7 @@ class LiveCluster:
         self._wait(lambda: all(self._peer_acked(n) for n in self.nodes), "replication to both peers")
         self._scrape()
         self._wait(lambda: all(self._expired(n) for n in self.nodes), "a request expiry on both nodes")
+        self._wait(lambda: all(self._exchanged(n) for n in self.nodes), "an anti-entropy exchange on both nodes")
         self._load(first, "c")  # fresh load after the expiry, for the gauges
         self._scrape()
 
@@ -121,6 +122,9 @@ class LiveCluster:
 
     def _peer_acked(self, node):
         return "metacenter_replication_lag_seconds_bucket" in self.metrics_text(node)
+
+    def _exchanged(self, node):
+        return "metacenter_antientropy_unresolved_requests{" in self.metrics_text(node)
 
     def _expired(self, node):
         return 'metacenter_expired_total{kind="request"}' in self.metrics_text(node)
