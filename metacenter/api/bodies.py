@@ -138,6 +138,16 @@ def load_add(obj):
     ))
 
 
+def peer_load_add(obj):
+    """A replicated add (HTTP batch or stream) -> ``LoadAdd``, validated like
+    a client's: never with a condition, and the 5-tuple every node knows
+    when it has neither prompt_tokens nor lease."""
+    event = load_add(obj)
+    if not event[5] and event[6] is None:
+        return LoadAdd(event[:5])
+    return LoadAdd(event[:7])
+
+
 def engine_reset(obj):
     """DELETE /v1/load/engine and replicated ``load.engine.reset`` ->
     ``EngineReset``: ``{"cluster": str, "ip": str}`` (ip as spelled)."""
@@ -218,8 +228,7 @@ def load_event(event_type, obj):
     carries a condition: ``if_updated_time`` is dropped (it was checked on
     the node the client called)."""
     if event_type == EVENT_ADD:
-        event = load_add(obj)
-        return LoadAdd(event[:7]) if event[7] is not None else event
+        return peer_load_add(obj)
     parse = _OUR_EVENTS.get(event_type)
     return load_delete(obj) if parse is None else parse(obj)
 

@@ -63,6 +63,15 @@ def _no_peers():
     return []
 
 
+def _replicated_add(event):
+    """The add a node replicates: never its condition (``if_updated_time``
+    was checked here), and without prompt_tokens and lease when it has
+    neither, so it is the 5-field add every peer knows."""
+    if len(event) > 5 and (event[5] or (len(event) > 6 and event[6] is not None)):
+        return LoadAdd(event[:7]) if len(event) > 7 else event
+    return LoadAdd(event[:5]) if len(event) > 5 else event
+
+
 class Node:
     """One node's state and its collaborators, all given here:
 
@@ -166,8 +175,7 @@ class Node:
                 event = self._stamped(event)
             if event_type == EVENT_ADD:
                 result = state.add(*event)
-                if len(event) > 7:
-                    event = LoadAdd(event[:7])  # the condition stays here
+                event = _replicated_add(event)
             elif event_type == EVENT_DELETE:
                 result = state.delete(event.request_id)
             else:
@@ -213,8 +221,9 @@ class Node:
         booked = answer.pop("booked")
         self.metrics.observe_event(EVENT_ADD, ORIGIN_CLIENT, booked)
         if booked:
-            event = LoadAdd((request["cluster"], request["request_id"], answer["ip"], request["prompt_length"],
-                             now_ns, request["prompt_tokens"], request["lease"]))
+            event = _replicated_add(LoadAdd((request["cluster"], request["request_id"], answer["ip"],
+                                             request["prompt_length"], now_ns, request["prompt_tokens"],
+                                             request["lease"])))
             for listener in self.event_listeners:
                 listener(EVENT_ADD, event, trace_id)
         return answer
