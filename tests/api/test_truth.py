@@ -6,6 +6,7 @@ new field."""
 
 import pytest
 import pytest_twisted
+from prometheus_client.utils import floatToGoString
 
 from harness import Harness
 from metacenter.core.events import (EVENT_ADD, EVENT_ENGINE_RESET, EVENT_LEASE_KEEPALIVE, EVENT_LEASE_REVOKE,
@@ -259,3 +260,26 @@ def test_every_bad_new_field_is_a_400_naming_it_with_state_unchanged(node, metho
     r, b = yield node.call_json(method, path, body)
     assert_error(r, b, 400, 40001400, f"'{field}'")
     assert (node.snapshot(), node.state.leases()) == before
+
+
+@pytest_twisted.inlineCallbacks
+def test_metrics_render_the_new_per_engine_series_and_lease_counters(node):
+    yield node.call_json("POST", "/v1/load/stats", add_body("r1", prompt_length=INT32, prompt_tokens=INT32, lease="gw"))
+    yield node.call_json("POST", "/v1/load/stats", add_body("r2", prompt_length=INT32, prompt_tokens=INT32))
+    yield node.call_json("DELETE", "/v1/load/prompt", {"request_id": "r2"})
+    yield node.call_json("DELETE", "/v1/load/engine", {"cluster": "llama", "ip": "10.0.0.9"})
+    yield node.call_json("POST", "/v1/load/stats", add_body("r3", ip="10.0.0.9"))
+    yield node.call_json("DELETE", "/v1/load/engine", {"cluster": "llama", "ip": "10.0.0.9"})
+    r, content = yield node.call("GET", "/metrics")
+    text = content.decode()
+    labels = '{engine_ip="10.0.0.1",model_name="llama"}'
+    exact = {"queued_num": 2, "prompt_length": INT32, "metacenter_engine_prefill_requests": 1,
+             "metacenter_engine_prefill_tokens": INT32, "metacenter_engine_queued_tokens": 2 * INT32}
+    for series, value in exact.items():
+        assert f"# TYPE {series} gauge" in text
+        assert f"{series}{labels} {floatToGoString(value)}\n" in text, series
+    assert "metacenter_leases 1.0" in text
+    assert 'metacenter_released_requests_total{reason="reset"} 1.0' in text
+    assert 'metacenter_released_requests_total{reason="lease"} 0.0' in text
+    assert "metacenter_engine_resets_total 1.0" in text  # an unknown engine's reset changes nothing
+    assert "metacenter_lease_expiries_total 0.0" in text
