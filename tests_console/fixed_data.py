@@ -110,6 +110,9 @@ class FixedSource:
     def set_log_level(self, target, level):
         raise RuntimeError("fixed data: no node to talk to")
 
+    def reset_engine(self, target, cluster, ip):
+        raise RuntimeError("fixed data: no node to talk to")
+
 
 def outage_snapshots(when=NOW):
     return [NodeSnapshot(t, when, 0.0, error="connection refused") for t in TARGETS]
