@@ -91,7 +91,7 @@ class ConfirmDialog(ModalScreen[bool]):
     """A yes/no question before an action that changes a node's state: y
     confirms, n or Esc cancels (the default: nothing is sent)."""
 
-    BINDINGS = [Binding("y", "confirm", "Yes"), Binding("n,escape", "cancel", "No")]
+    BINDINGS = [Binding("y", "confirm", "Yes"), Binding("n", "cancel", "No"), Binding("escape", "cancel", "No")]
     EXTRA_KEYS = ()
 
     def __init__(self, question, detail=""):
