@@ -8,11 +8,13 @@ shared core: CPU per client mutation, replication lag, saturation.
 Every node is a ``twistd metacenter`` process from this tree on 127.0.0.1,
 with every other node as a static peer and a cluster secret; all of them are
 pinned to the same core (taskset), so the sum of their CPU is what one core
-pays for the cluster. This process is the gateway fleet (30 persistent
-connections) and runs on the other core.
+pays for the cluster. This process is the gateway fleet and runs on the
+other core: one ``metacenter.client.AsyncClient`` per cluster under test, at
+most 30 calls in flight, each cluster's calls on its node as a gateway
+places them (``WORKLOAD_CLUSTERS``).
 
 1. Paced: the gateway pattern (add, prompt delete, delete per request) at
-   ``RATE`` mutations/s, spread evenly over the nodes, for ``seconds``. CPU
+   ``RATE`` mutations/s, spread over the nodes by cluster, for ``seconds``. CPU
    per client mutation = the nodes' CPU time (/proc) from the first mutation
    until every stream has acknowledged everything, over the mutations. The
    3-node and 5-node figures are divided by the 1-node one. Replication lag:
@@ -24,6 +26,12 @@ connections) and runs on the other core.
 3. In process (no network): the receiver's CPU per event in frames of 16 and
    64 (decode, validate, ``Node.apply_frame``) and the sender's per event for
    4 peers (append, one frame per peer written to a transport).
+
+The client costs the load generator about twice the CPU per call of a bare
+twisted.web Agent request (treq's URL parsing, cookie and redirect
+wrappers; see docs/client.md): on a busy machine whose generator cannot
+keep ``RATE``, the paced runs report the rate they reached. The nodes' CPU
+per mutation, what the runs compare, does not depend on the client.
 
 CPU figures are process CPU, not wall time; a shared, busy machine perturbs
 them (cache, frequency, steal), so compare figures from the same run.
@@ -46,6 +54,18 @@ RATE = 850.0  # client mutations per second, the issue's paced load
 CONNECTIONS = 30
 SECRET = "bench-cluster-secret"
 LAG_METRIC = "metacenter_stream_ack_lag_seconds"
+# The load goes through metacenter.client.AsyncClient, as a Python gateway
+# sends it: every call about a cluster goes to the node at fnv32a(cluster) % N
+# of the sorted node list, and a request's deletes follow its add. So the
+# workload's clusters decide how the writes spread over the nodes: 48 of
+# them put 14/16/18 clusters on the 3 nodes and 9/9/9/10/11 on the 5 (at
+# most 1.15x the even share; the adds cycle through the clusters, so the
+# mutations split the same way; each run reports ``node_add_shares``).
+WORKLOAD_CLUSTERS = [f"bench-model-{i}" for i in range(48)]
+# Seconds per call. Not the gateway's 0.1 s: a call that timed out would be
+# retried on the next node (counted twice, and its node's breaker charged)
+# while the bench measures the nodes' cost; a healthy run fails no call.
+CALL_TIMEOUT = 30.0
 
 
 def mutations_for(seconds, rate):
@@ -147,31 +167,18 @@ def micro(log, events=60_000):
 
 def measure(quick, seconds, log, pin=True, sizes=(1, 3, 5)):
     from twisted.internet import defer, reactor, task
-    from twisted.web.client import Agent, HTTPConnectionPool
-    from twisted.web.http_headers import Headers
 
-    from metacenter.cluster.replication import BytesProducer
-    import treq
+    from metacenter.client import AsyncClient
 
     cores = servers.Cores(pin=pin)
     cores.pin_self()
     seconds = seconds or (6 if quick else 15)
     quiet = ["--anti-entropy-interval", "1h", "--gc-interval", "1h", "--cluster-secret", SECRET]
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = CONNECTIONS
-    agent = Agent(reactor, pool=pool)
     running = []
+    clients = []
 
-    def call(url, method, path, body=None):
-        data = None if body is None else json.dumps(body).encode()
-        d = agent.request(method.encode(), (url + path).encode(), Headers({}),
-                          BytesProducer(data) if data is not None else None)
-        d.addCallback(lambda r: treq.content(r).addCallback(lambda content: (r.code, content)))
-        return d
-
-    async def status(node):
-        code, body = await call(node.url, "GET", "/v1/node/status")
-        return json.loads(body)["data"]
+    async def status(client, node):
+        return await client.status(node=node.url)
 
     async def start_cluster(n):
         ports = [servers.free_port() for _ in range(n)]
@@ -182,31 +189,53 @@ def measure(quick, seconds, log, pin=True, sizes=(1, 3, 5)):
         running.extend(nodes)
         for node in nodes:
             node.start()
+        # The gateway fleet: one client over the cluster's nodes, CONNECTIONS
+        # kept-alive connections per node (a cluster's calls all go to one
+        # node, which may then carry all 30 in flight).
+        # One failed attempt opens its node's breaker for the rest of the
+        # run, so send_all sees any call that failed over (a failover would
+        # move writes to another node and spoil the figures).
+        client = AsyncClient([node.url for node in nodes], reactor, timeout=CALL_TIMEOUT,
+                             persistent_per_node=CONNECTIONS, failure_threshold=1, breaker_cooldown=3600.0)
+        clients.append(client)
         deadline = time.monotonic() + 60
         while True:
-            statuses = [await status(node) for node in nodes]
+            statuses = [await status(client, node) for node in nodes]
             if all(s["ready"] and len(s["peers"]) == n - 1 and all(p["mode"] == "stream" and p["connected"]
                                                                    for p in s["peers"]) for s in statuses):
-                return nodes
+                return nodes, client
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{n} nodes not streaming to each other after 60 s: {statuses}")
             await task.deferLater(reactor, 0.1, lambda: None)
 
-    def stop_cluster(nodes):
+    async def stop_cluster(nodes, client):
+        await client.close()
+        clients.remove(client)
         for node in nodes:
             node.stop()
             running.remove(node)
 
-    async def drained(nodes):
+    async def drained(client, nodes):
         while True:
-            statuses = [await status(node) for node in nodes]
+            statuses = [await status(client, node) for node in nodes]
             if all(p["lag_events"] == 0 for s in statuses for p in s["peers"]):
                 return
             await task.deferLater(reactor, 0.005, lambda: None)
 
-    async def send_all(ops, nodes, rate=None):
-        """Ops round-robin over the nodes, at ``rate``/s if given, at most
-        CONNECTIONS in flight; every answer must be 200. Returns seconds."""
+    def send(client, op):
+        """One gateway call through the client: an add goes to its cluster's
+        node, its deletes follow it there (the client remembers the node)."""
+        method, path, body = op
+        if method == "POST":
+            return client.add_request(body["cluster"], body["request_id"], body["ip"], body["prompt_length"])
+        if path == "/v1/load/prompt":
+            return client.delete_prompt(body["request_id"])
+        return client.delete_request(body["request_id"])
+
+    async def send_all(ops, client, rate=None):
+        """Ops through the client, at ``rate``/s if given, at most
+        CONNECTIONS in flight; every call must succeed and every node's
+        breaker stay closed (no call failed over). Returns seconds."""
         semaphore = defer.DeferredSemaphore(CONNECTIONS)
         failures, pending = [], []
         start = reactor.seconds()
@@ -216,46 +245,63 @@ def measure(quick, seconds, log, pin=True, sizes=(1, 3, 5)):
                 if delay > 0.0005:
                     await task.deferLater(reactor, delay, lambda: None)
             await semaphore.acquire()
-            d = call(nodes[i % len(nodes)].url, *op)
-            d.addCallback(lambda result: failures.append(result) if result[0] != 200 else None)
+            d = send(client, op)
+            d.addErrback(lambda failure, op=op: failures.append((op, failure.value)))
             d.addBoth(lambda result: (semaphore.release(), result)[1])
             pending.append(d)
         await defer.gatherResults(pending, consumeErrors=True)
         if failures:
-            raise RuntimeError(f"{len(failures)} mutations refused, first: {failures[0]}")
+            op, error = failures[0]
+            raise RuntimeError(f"{len(failures)} mutations failed, first: {op[0]} {op[1]} {op[2]}: {error!r}")
+        opened = {url: state for url, state in client.breakers().items() if state != "closed"}
+        if opened:
+            raise RuntimeError(f"circuit breakers not closed after the run: {opened}")
         return reactor.seconds() - start
 
-    async def lag_histogram(nodes):
+    def shares(client, ops):
+        """Fraction of the mutations each node took (ring order): a cluster's
+        calls all go to the node of fnv32a(cluster) % N."""
+        counts = {}
+        for method, path, body in ops:
+            if method == "POST":
+                url = client.node_for(body["cluster"])
+                counts[url] = counts.get(url, 0) + 1
+        total = sum(counts.values())
+        return [round(counts.get(url, 0) / total, 3) for url in client.nodes]
+
+    async def lag_histogram(client, nodes):
         total = {}
         for node in nodes:
-            code, text = await call(node.url, "GET", "/metrics")
-            for bound, count in lag_buckets(text.decode()).items():
+            text = await client.metrics(node=node.url)
+            for bound, count in lag_buckets(text).items():
                 total[bound] = total.get(bound, 0.0) + count
         return total
 
     async def paced(n):
-        nodes = await start_cluster(n)
+        nodes, client = await start_cluster(n)
         try:
             # Warm-up: connections, code paths, the first allocations.
-            await send_all(gateway_ops(f"warm{n}", 300), nodes, rate=RATE)
-            await drained(nodes)
-            ops = gateway_ops(f"paced{n}", mutations_for(seconds, RATE))
-            lag0 = await lag_histogram(nodes)
+            await send_all(gateway_ops(f"warm{n}", 300, WORKLOAD_CLUSTERS), client, rate=RATE)
+            await drained(client, nodes)
+            ops = gateway_ops(f"paced{n}", mutations_for(seconds, RATE), WORKLOAD_CLUSTERS)
+            lag0 = await lag_histogram(client, nodes)
             cpu0 = sum(node.cpu_seconds() for node in nodes)
-            elapsed = await send_all(ops, nodes, rate=RATE)
-            await drained(nodes)
+            elapsed = await send_all(ops, client, rate=RATE)
+            await drained(client, nodes)
             cpu = sum(node.cpu_seconds() for node in nodes) - cpu0
-            lag1 = await lag_histogram(nodes)
-            statuses = [await status(node) for node in nodes]
+            lag1 = await lag_histogram(client, nodes)
+            statuses = [await status(client, node) for node in nodes]
+            node_shares = shares(client, ops)
         finally:
-            stop_cluster(nodes)
+            await stop_cluster(nodes, client)
         frames = sum(p["frames_sent"] for s in statuses for p in s["peers"])
         events = sum(p["events_sent"] for s in statuses for p in s["peers"])
         result = {"nodes": n, "mutations": len(ops), "mutations_per_s": round(len(ops) / elapsed, 1),
                   "cpu_s": round(cpu, 3), "cpu_us_per_mutation": round(cpu / len(ops) * 1e6, 1),
                   "core_utilisation": round(cpu / elapsed, 3),
                   "mean_frame_events": round(events / frames, 1) if frames else None,
-                  "repairs": sum(p["repairs"] for s in statuses for p in s["peers"])}
+                  "repairs": sum(p["repairs"] for s in statuses for p in s["peers"]),
+                  "node_add_shares": node_shares}
         if n > 1:
             delta = sorted((bound, count - lag0.get(bound, 0.0)) for bound, count in lag1.items())
             result["lag_p50_ms"] = round(histogram_quantile(delta, 0.5) * 1000, 3)
@@ -268,30 +314,33 @@ def measure(quick, seconds, log, pin=True, sizes=(1, 3, 5)):
         return result
 
     async def saturation(n=3):
-        nodes = await start_cluster(n)
+        nodes, client = await start_cluster(n)
         try:
-            ops = gateway_ops("saturate", mutations_for(seconds, 6000))
+            ops = gateway_ops("saturate", mutations_for(seconds, 6000), WORKLOAD_CLUSTERS)
             cpu0 = sum(node.cpu_seconds() for node in nodes)
             harness0 = time.process_time()
-            elapsed = await send_all(ops, nodes)
+            elapsed = await send_all(ops, client)
             harness = time.process_time() - harness0
-            await drained(nodes)
+            await drained(client, nodes)
             cpu = sum(node.cpu_seconds() for node in nodes) - cpu0
             expected = expected_loads(ops)
             exact = []
             for node in nodes:
-                view = {}
-                for cluster in expected:
-                    code, body = await call(node.url, "GET", f"/v1/load/stats?cluster={cluster}")
-                    view[cluster] = {e["ip"]: (e["queued_req_num"], e["prompt_length"])
-                                     for e in json.loads(body)["data"] or []}
+                # Each node's own view (the overview: every cluster, engines
+                # as in GET /v1/load/stats), not the client's node for a cluster.
+                overview = await client.overview(node=node.url)
+                view = {c["cluster"]: {e["ip"]: (e["queued_req_num"], e["prompt_length"]) for e in c["engines"]}
+                        for c in overview["clusters"] if c["cluster"] in expected}
                 exact.append(view == expected)
+            node_shares = shares(client, ops)
         finally:
-            stop_cluster(nodes)
+            await stop_cluster(nodes, client)
         result = {"nodes": n, "mutations": len(ops), "mutations_per_s": round(len(ops) / elapsed, 1),
                   "cpu_us_per_mutation": round(cpu / len(ops) * 1e6, 1),
                   "core_utilisation": round(cpu / elapsed, 3), "every_node_exact": all(exact),
-                  "load_generator_cpu_util": round(harness / elapsed, 3)}
+                  "load_generator_cpu_util": round(harness / elapsed, 3),
+                  "load_generator_cpu_us_per_mutation": round(harness / len(ops) * 1e6, 1),
+                  "node_add_shares": node_shares}
         log(f"cluster: saturation, {n} nodes: {result['mutations_per_s']:,.0f} mutations/s, core "
             f"{result['core_utilisation']:.0%}, load generator {result['load_generator_cpu_util']:.0%}, "
             f"every node exact: {result['every_node_exact']}")
@@ -314,7 +363,7 @@ def measure(quick, seconds, log, pin=True, sizes=(1, 3, 5)):
         d = defer.ensureDeferred(main())
         d.addCallback(outcome.update)
         d.addErrback(lambda f: outcome.update(error=f.getTraceback()))
-        d.addBoth(lambda _: pool.closeCachedConnections())
+        d.addBoth(lambda _: defer.gatherResults([client.close() for client in clients]))
         d.addBoth(lambda _: reactor.stop())
 
     reactor.callWhenRunning(run)

@@ -54,14 +54,15 @@ IN_FLIGHT = 200  # requests between an add and its delete in the generated strea
 # -- workload ------------------------------------------------------------------
 
 
-def gateway_ops(prefix, requests):
+def gateway_ops(prefix, requests, clusters=CLUSTERS):
     """(method, path, body) of the gateway pattern: add, then the prompt
-    delete 100 requests later, then the delete another 100 later."""
+    delete 100 requests later, then the delete another 100 later; the adds
+    cycle through ``clusters``."""
     ops = []
     for step in range(requests + IN_FLIGHT):
         if step < requests:
             ops.append(("POST", "/v1/load/stats", {
-                "cluster": CLUSTERS[step % len(CLUSTERS)], "request_id": f"{prefix}-{step}",
+                "cluster": clusters[step % len(clusters)], "request_id": f"{prefix}-{step}",
                 "ip": ENGINES[(step * 7) % len(ENGINES)], "prompt_length": 500 + (step * 37) % 3500}))
         half = step - IN_FLIGHT // 2
         if 0 <= half < requests:
@@ -91,7 +92,7 @@ def measure(quick, seconds, log, sender_args=(), pin=True):
     from twisted.web.client import Agent, HTTPConnectionPool
     from twisted.web.http_headers import Headers
 
-    from metacenter.cluster.replication import BytesProducer
+    from metacenter.bodyproducer import BytesProducer
     import treq
 
     cores = servers.Cores(pin=pin)

@@ -34,9 +34,10 @@ from twisted.internet import defer, task
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
+from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
+from metacenter.bodyproducer import BytesProducer
 from metacenter.cluster.discovery import format_peer
 from metacenter.cluster.stream import decode_entries
 from metacenter.core.events import (EVENT_ADD, EVENT_CACHE_SAVE, EVENT_ENGINE_RESET, EVENT_LEASE_KEEPALIVE,
@@ -49,6 +50,8 @@ MODE_BATCH = "batch"
 MODE_SINGLE = "single"
 BATCH_PATH = "/v1/replica/batch"
 EVENT_PATH = "/v1/replica/event"
+# Every route a peer signs and checks begins so (api/replica.py).
+PEER_ROUTES = "/v1/replica/"
 
 SEND_ATTEMPTS = 2  # the reference's, per request
 BACKOFF_FIRST = 0.05  # seconds before sending again to a peer after a failed request
@@ -87,29 +90,6 @@ def event_body(event_type, event):
     if event_type == EVENT_REFRESH:
         return {"request_ids": list(event.request_ids)}
     return {"request_id": event.request_id, "timestamp": event.timestamp}
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A request body written in one go: treq's default producer spends a
-    cooperator step (a reactor turn) per request."""
-
-    def __init__(self, body):
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer):
-        consumer.write(self._body)
-        return defer.succeed(None)
-
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass
 
 
 class _KeepAliveEndpoint:
@@ -199,10 +179,11 @@ class PeerClient:
             method, "http://" + format_peer(peer) + path, data=body or None,
             headers=self._headers(method, path, body, headers), allow_redirects=False, unbuffered=True)
 
-    def _answered(self, peer, status, content):
-        # Every answer tells whether the peer accepts this node's signature
-        # (a 401 refuses it): the node is not ready while every peer refuses.
-        if self._auth is not None:
+    def _answered(self, peer, path, status, content):
+        # Every answer of a signed peer route tells whether the peer accepts
+        # this node's signature (a 401 refuses it): the node is not ready while
+        # every peer refuses. Other routes (the status probe) check nothing.
+        if self._auth is not None and path.startswith(PEER_ROUTES):
             self._auth.answered(peer, status, content)
         return status, content
 
@@ -210,7 +191,7 @@ class PeerClient:
         """Deferred (status code, body bytes)."""
         d = self._send(method, peer, path, body, headers)
         d.addCallback(lambda response: treq.content(response).addCallback(
-            lambda content: self._answered(peer, response.code, content)))
+            lambda content: self._answered(peer, path, response.code, content)))
         return d.addTimeout(timeout or self.request_timeout, self.clock)
 
     def stream(self, method, peer, path, body=b"", on_line=None, timeout=None, headers=None, answer_timeout=None):
@@ -226,8 +207,9 @@ class PeerClient:
 
         def got_response(response):
             if response.code != 200:
-                return treq.content(response).addCallback(lambda content: self._answered(peer, response.code, content))
-            self._answered(peer, 200, None)
+                return treq.content(response).addCallback(
+                    lambda content: self._answered(peer, path, response.code, content))
+            self._answered(peer, path, 200, None)
             reader = LineReader(on_line)
             response.deliverBody(reader)
             return reader.done.addCallback(lambda _: (200, None))
@@ -747,6 +729,7 @@ class Replicator(Service):
 
 MODE_STREAM = "stream"
 STATUS_PATH = "/v1/node/status"
+
 STATUS_RETRY = 1.0  # seconds before asking an unreachable peer again whether it streams
 FALLBACK_FAILURES = 3  # failed stream connections before asking the peer whether it still streams
 # Failed stream connections to a peer after its status answered with an open

@@ -32,7 +32,7 @@ from twisted.web.http_headers import Headers
 from dns_server import DnsServer
 from metacenter.cluster import auth
 from metacenter.core.hashing import prompt_hashes
-from metacenter.cluster.replication import BytesProducer
+from metacenter.bodyproducer import BytesProducer
 from nodeproc import NodeProcess, free_port, port_is_free
 from reference_node import ReferenceNode
 

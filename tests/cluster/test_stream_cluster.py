@@ -20,6 +20,7 @@ import pytest_twisted
 from twisted.internet import defer, reactor, task, threads
 
 from dns_server import DnsServer
+from metacenter.client import AsyncClient, MetacenterError
 from nodeproc import NodeProcess
 from reference_node import ReferenceNode
 from test_cluster import CONVERGENCE_DEADLINE, HOSTS, NAME, Cluster, Truth, make_ops, shared_port
@@ -55,6 +56,45 @@ async def wait_streaming(cluster, nodes, count):
         await task.deferLater(reactor, 0.1, lambda: None)
 
 
+async def run_as_gateways(ops, nodes, truth, concurrency=40):
+    """Send every operation through ``metacenter.client.AsyncClient`` over
+    ``nodes``, as the gateways do: a cluster's adds go to the node of
+    fnv32a(cluster), a request's deletes follow its add there (a delete that
+    comes before its add goes by the key ""). Each must be accepted by the
+    first node it went to: one failed attempt opens that node's breaker,
+    which ends the test (no failover hides a refusal). Returns
+    {node URL: adds it took}."""
+    client = AsyncClient([node.url for node in nodes], reactor, timeout=10.0, failure_threshold=1,
+                         breaker_cooldown=3600.0)
+    semaphore = defer.DeferredSemaphore(concurrency)
+    failures, placed = [], {}
+
+    async def send(op):
+        method, path, body = op
+        try:
+            if method == "POST":
+                await client.add_request(body["cluster"], body["request_id"], body["ip"], body["prompt_length"])
+                url = client.placement(body["request_id"])
+                placed[url] = placed.get(url, 0) + 1
+            elif path == "/v1/load/prompt":
+                await client.delete_prompt(body["request_id"])
+            else:
+                await client.delete_request(body["request_id"])
+        except MetacenterError as e:
+            failures.append((op, e))
+            return
+        truth.record(op)
+
+    try:
+        await defer.gatherResults([semaphore.run(lambda op: defer.ensureDeferred(send(op)), op) for op in ops],
+                                  consumeErrors=True)
+    finally:
+        await client.close()
+    assert not failures, failures[:5]
+    assert set(client.breakers().values()) == {"closed"}, client.breakers()
+    return placed
+
+
 @pytest_twisted.async_yield_fixture(scope="module")
 async def streams():
     dns = DnsServer.start()
@@ -72,7 +112,9 @@ async def streams():
 @pytest_twisted.ensureDeferred
 async def test_three_nodes_converge_over_the_stream_after_thousands_of_mixed_operations(streams):
     rng = random.Random(21)
-    clusters = ["s-llama", "s-mistral", "s-qwen"]
+    # Four model clusters: by the gateways' node choice they put adds on
+    # each of the three nodes (asserted below).
+    clusters = ["s-llama", "s-mistral", "s-qwen", "s-baichuan"]
     truth = Truth()
     ops = make_ops(rng, "stream-mixed", 2000, clusters)
     assert len(ops) > 3500
@@ -82,7 +124,8 @@ async def test_three_nodes_converge_over_the_stream_after_thousands_of_mixed_ope
                              "metacenter_stream_frames_sent_total", "metacenter_replication_events_sent_total")]
 
     received_before, sent_before, frames_before, acked_before = await totals()
-    await streams.run_ops(ops, streams.nodes, rng, truth)
+    placed = await run_as_gateways(ops, streams.nodes, truth)
+    assert len(placed) == len(streams.nodes) and min(placed.values()) > 0, placed
     await streams.wait_converged(streams.nodes, clusters, truth)
     statuses = [await streams.status(node) for node in streams.nodes]
     assert len({json.dumps({c: s["digest"][c] for c in clusters}, sort_keys=True) for s in statuses}) == 1

@@ -127,7 +127,7 @@ def test_a_prompt_tombstone_turned_into_a_request_during_the_walk_is_still_in_th
     fill(fill_source, 3000, random.Random(4))
     for record in fill_source.state.iter_requests():
         source.merge_record(*record)
-    source.state.delete_prompt("late-add", NOW_NS)  # a prompt delete before its add
+    source.state.delete_prompt("late-add")  # a prompt delete before its add
     chunks = state_chunks(source)
     newcomer = build_node(clock, registry=CollectorRegistry())
     merger = SnapshotMerger(newcomer)
