@@ -28,7 +28,7 @@ def lease_name(value: object, name: str = "lease") -> str:
     if not isinstance(value, str):
         raise InvalidInput(f"field '{name}' must be a string of 1 to {maximum} characters, got {json_type(value)}")
     if not value:
-        raise InvalidInput(f"field '{name}' must be a string of 1 to {maximum} characters, got an empty string")
+        raise InvalidInput(f"field '{name}' must be a string of 1 to {maximum} characters, got 0 characters")
     check_length(value, "lease", f"field '{name}'")
     return checked_text(value, name)
 
