@@ -334,5 +334,5 @@ def parse_route_score(obj):
     return (
         required_string(obj, "cluster"),
         hash_list(obj, "prompt_hash"),
-        _ip_list(obj, "ips"),
+        _ip_list(obj, "ips", canonical=False),  # as spelled: rows carry the engines' spellings
     )
