@@ -13,7 +13,7 @@ from textual.app import App
 from textual.binding import Binding
 from textual.worker import WorkerState
 
-from console.dialogs import HelpScreen, LogLevelDialog
+from console.dialogs import ConfirmDialog, HelpScreen, LogLevelDialog
 from console.model import NodeSnapshot
 from console.nodeclient import target_label
 from console.screens import ClusterScreen, DataScreen, NodesScreen, OverviewScreen
@@ -94,6 +94,14 @@ HelpScreen, LogLevelDialog {
     padding: 1 2;
 }
 
+#confirm-box {
+    width: 60;
+    height: auto;
+    border: thick $error;
+    background: $surface;
+    padding: 1 2;
+}
+
 #levels {
     height: auto;
     margin: 1 0;
@@ -102,7 +110,7 @@ HelpScreen, LogLevelDialog {
 
 # DNS is asked again this often, so nodes that come and go are followed.
 DISCOVER_EVERY = 10.0
-POLL, DISCOVER, LOG_LEVEL = "poll", "discover", "log-level"
+POLL, DISCOVER, LOG_LEVEL, RESET = "poll", "discover", "log-level", "reset"
 
 
 class ConsoleApp(App):
@@ -134,6 +142,7 @@ class ConsoleApp(App):
         self._discovered_at = None  # monotonic time of the last finished lookup
         self._discovering = False
         self._log_level_requests = {}  # worker -> (target, level)
+        self._resets = {}  # worker -> (target, cluster, ip)
 
     def on_mount(self):
         self.discover()
@@ -191,6 +200,9 @@ class ConsoleApp(App):
             self.state.absorb(snapshot)
         elif worker.group == LOG_LEVEL:
             self._log_level_done(worker, failed)
+        elif worker.group == RESET:
+            self._reset_done(worker, failed)
+            self.poll_all()  # the reset engine leaves the view at once
         else:
             return
         self.rerender()
@@ -221,6 +233,7 @@ class ConsoleApp(App):
             own = screen_class.__dict__.get("BINDINGS", [])
             sections.append((title, own, screen_class.EXTRA_KEYS))
         sections.append(("Log level dialog", LogLevelDialog.BINDINGS, LogLevelDialog.EXTRA_KEYS))
+        sections.append(("Confirmation", ConfirmDialog.BINDINGS, ConfirmDialog.EXTRA_KEYS))
         sections.append(("This help", HelpScreen.BINDINGS, HelpScreen.SCROLL_KEYS))
         return sections
 
@@ -244,6 +257,31 @@ class ConsoleApp(App):
         worker = self.run_worker(partial(self.source.set_log_level, target, level), name=f"{level} {target}",
                                  group=LOG_LEVEL, thread=True, exit_on_error=False)
         self._log_level_requests[worker] = (target, level)
+
+    def confirm_reset(self, target, cluster, ip):
+        """Ask, then reset engine ``ip`` of ``cluster`` on ``target``."""
+        question = f"Reset engine {ip} of {cluster}?"
+        detail = (f"Its in-flight requests are released and its KV-cache blocks dropped, on "
+                  f"{target_label(target)} and, by replication, every node. For an engine that restarted.")
+        self.push_screen(ConfirmDialog(question, detail), callback=partial(self._reset, target, cluster, ip))
+
+    def _reset(self, target, cluster, ip, confirmed):
+        if not confirmed:
+            return
+        worker = self.run_worker(partial(self.source.reset_engine, target, cluster, ip), name=f"{cluster} {ip}",
+                                 group=RESET, thread=True, exit_on_error=False)
+        self._resets[worker] = (target, cluster, ip)
+
+    def _reset_done(self, worker, failed):
+        target, cluster, ip = self._resets.pop(worker, (worker.name, "?", "?"))
+        what = f"reset of {ip} in {cluster} on {target_label(target)}"
+        if failed:
+            text = f"{what} failed: {worker.error}"
+            self.notify(text, severity="error")
+        else:
+            text = f"{what}: {worker.result}"
+            self.notify(text)
+        self.state.record_action(self.clock(), text)
 
     def _log_level_done(self, worker, failed):
         target, level = self._log_level_requests.pop(worker, (worker.name, "?"))

@@ -87,6 +87,32 @@ class HelpScreen(ModalScreen):
         hint.display = True
 
 
+class ConfirmDialog(ModalScreen[bool]):
+    """A yes/no question before an action that changes a node's state: y
+    confirms, n or Esc cancels (the default: nothing is sent)."""
+
+    BINDINGS = [Binding("y", "confirm", "Yes"), Binding("n", "cancel", "No"), Binding("escape", "cancel", "No")]
+    EXTRA_KEYS = ()
+
+    def __init__(self, question, detail=""):
+        super().__init__()
+        self.question = question
+        self.detail = detail
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="confirm-box"):
+            yield Static(Text(self.question, style="bold"), id="confirm-question")
+            if self.detail:
+                yield Static(Text(self.detail), id="confirm-detail")
+            yield Static(Text("y confirms · n or Esc cancels", style="dim"))
+
+    def action_confirm(self):
+        self.dismiss(True)
+
+    def action_cancel(self):
+        self.dismiss(False)
+
+
 class LogLevelDialog(ModalScreen[str | None]):
     """Opens on the node's current level when the console knows it
     (``state.KnownLevel``), else on INFO, the nodes' default, and says which."""

@@ -262,6 +262,10 @@ class NodeSnapshot:
     status_error: str | None = None  # /v1/node/status missing or failing
     cache: dict | None = None  # None: the node does not offer /v1/cache/stats
     notes: tuple = field(default=())
+    # The gateway leases alive on the node (GET /v1/load/leases): a tuple of
+    # its {"lease", "ttl_ms", "expires_in_ms", "requests"}; None when the
+    # node does not offer them (older nodes).
+    leases: tuple | None = None
 
     @property
     def reachable(self):

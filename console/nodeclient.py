@@ -100,3 +100,7 @@ class NodeClient:
 
     def set_log_level(self, level):
         return self.data("POST", "/log/level", {"LevelParam": level})
+
+    def reset_engine(self, cluster, ip):
+        """DELETE /v1/load/engine: ``{"released_requests", "cache_blocks"}``."""
+        return self.data("DELETE", "/v1/load/engine", {"cluster": cluster, "ip": ip})

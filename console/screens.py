@@ -242,7 +242,7 @@ class OverviewScreen(DataScreen):
 
 
 class ClusterScreen(DataScreen):
-    BINDINGS = [Binding("backspace", "back", "Back")]
+    BINDINGS = [Binding("backspace", "back", "Back"), Binding("x", "reset_engine", "Reset engine")]
     DEFAULT_SORT = "queued"
     FILTER_HINT = "filter engines by address"
 
@@ -299,8 +299,39 @@ class ClusterScreen(DataScreen):
     def action_back(self):
         self.leave()
 
+    def action_reset_engine(self):
+        """Engine reset of the highlighted engine, after a confirmation, on
+        the node the view shows (which replicates it)."""
+        ip = highlighted_key(self.query_one("#table", DataTable))
+        target = self.app.state.view_target()
+        if ip is None or target is None:
+            self.notify("No engine highlighted, or no node answers: nothing to reset", severity="error")
+            return
+        self.app.confirm_reset(target, self.cluster_name, ip)
+
     def leave(self):
         self.app.pop_screen()
+
+
+LEASES_SHOWN = 8  # the rest is counted: one lease per gateway instance can be many
+
+
+def leases_text(target, snapshot):
+    """The gateway leases alive on the highlighted node (issue 10), fewest
+    seconds left first: those are the gateways that went quiet."""
+    name = target_label(target) if target else "—"
+    if snapshot is None or snapshot.leases is None:
+        return Text(f"Leases on {name}: not reported", style="dim")
+    leases = sorted(snapshot.leases, key=lambda x: (x.get("expires_in_ms", 0), str(x.get("lease"))))
+    text = Text(f"Leases on {name}: {len(leases)}", style="bold")
+    for lease in leases[:LEASES_SHOWN]:
+        left = lease.get("expires_in_ms", 0) / 1000
+        text.append(f"\n  {lease.get('lease')}: {plural(lease.get('requests', 0), 'request')}, ", style="not bold")
+        text.append(f"ends in {left:.1f} s", style="bold yellow" if left < 2 else "not bold")
+        text.append(f" (ttl {lease.get('ttl_ms', 0) / 1000:g} s)", style="dim")
+    if len(leases) > LEASES_SHOWN:
+        text.append(f"\n  … {len(leases) - LEASES_SHOWN} more", style="dim")
+    return text
 
 
 class NodesScreen(DataScreen):
@@ -314,6 +345,7 @@ class NodesScreen(DataScreen):
         yield Static(id="agreement")
         yield Static(id="peers-title")
         yield DataTable(id="peers", cursor_type="none", zebra_stripes=True)
+        yield Static(id="leases")
         yield Static(id="actions")
 
     def columns(self):
@@ -374,6 +406,7 @@ class NodesScreen(DataScreen):
     def refresh_peers(self):
         target = self.highlighted_target()
         snapshot = self.app.state.last_good.get(target) if target else None
+        self.query_one("#leases", Static).update(leases_text(target, snapshot))
         title = self.query_one("#peers-title", Static)
         table = self.query_one("#peers", DataTable)
         if snapshot is None or snapshot.status is None:

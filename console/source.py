@@ -58,9 +58,25 @@ class HttpSource:
                 notes.append(f"cache stats: {exc}")
         except BadResponse as exc:
             notes.append(f"cache stats: {exc}")
+        try:
+            leases = client.get("/v1/load/leases", deadline)
+            if not isinstance(leases, list) or not all(isinstance(x, dict) for x in leases):
+                raise BadResponse("GET /v1/load/leases: expected a list of objects")
+            fields["leases"] = tuple(leases)
+        except NodeApiError as exc:
+            if exc.http_status != 404:  # 404: a node from before issue 10
+                notes.append(f"leases: {exc}")
+        except BadResponse as exc:
+            notes.append(f"leases: {exc}")
         fields["notes"] = tuple(notes)
         return fields
 
     def set_log_level(self, target, level):
         """Returns the node's answer text; raises on failure."""
         return NodeClient(target, self.timeout).set_log_level(level)
+
+    def reset_engine(self, target, cluster, ip):
+        """Engine reset on ``target`` (replicated by it). Returns the answer
+        as text; raises on failure."""
+        data = NodeClient(target, self.timeout).reset_engine(cluster, ip)
+        return f"released {data['released_requests']} requests and {data['cache_blocks']} cache blocks"

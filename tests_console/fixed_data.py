@@ -77,12 +77,17 @@ def node_snapshots(when=NOW, scale=1.0, disagree=False, empty=False):
     peers_a = [peer("10.0.0.6:8080"), peer("10.0.0.7:8080", queue=37, failed=12, lag_ms=None)]
     peers_b = [peer("10.0.0.5:8080", lag_ms=4.8), peer("10.0.0.7:8080", queue=35, failed=11, lag_ms=None)]
     a = NodeSnapshot(NODE_A, when, 0.004, ready=True, overview=overview(load, time_ns),
-                     status=status("10.0.0.5:8080", peers_a, load), cache=CACHE)
+                     status=status("10.0.0.5:8080", peers_a, load), cache=CACHE, leases=LEASES)
     b = NodeSnapshot(NODE_B, when, 0.006, ready=True, overview=overview(load_b, time_ns),
                      status=status("10.0.0.6:8080", peers_b, load_b, started_ago=3_600 * 2, log_level="DEBUG"),
                      cache=CACHE)
     c = NodeSnapshot(NODE_C, when, 2.0, error="timed out after 2s")
     return [a, b, c]
+
+
+# Two gateways' leases on node A; node B's are not reported (an older node).
+LEASES = ({"lease": "gateway-7f9c", "ttl_ms": 10000, "expires_in_ms": 8400, "requests": 41},
+          {"lease": "gateway-2b1d", "ttl_ms": 10000, "expires_in_ms": 1200, "requests": 17})
 
 
 def history_scale(step, steps):
@@ -108,6 +113,9 @@ class FixedSource:
         return self.snapshots[target]
 
     def set_log_level(self, target, level):
+        raise RuntimeError("fixed data: no node to talk to")
+
+    def reset_engine(self, target, cluster, ip):
         raise RuntimeError("fixed data: no node to talk to")
 
 

@@ -11,9 +11,12 @@ import sys
 
 from metacenter.core.cache import IPS_MAX_ITEMS, PROMPT_HASH_MAX_ITEMS, TOPK_DEFAULT, TOPK_MAX
 from metacenter.core.errors import InvalidInput
-from metacenter.core.events import EVENT_ADD, CacheSave, LoadAdd, LoadDelete
-from metacenter.core.fields import (INT32_MAX, canonical_ip, check_length, int_field, ip_field, json_type,
+from metacenter.core.events import (EVENT_ADD, EVENT_ENGINE_RESET, EVENT_LEASE_KEEPALIVE, EVENT_LEASE_REVOKE,
+                                    EVENT_REFRESH, CacheSave, EngineReset, LeaseKeepalive, LeaseRevoke, LoadAdd,
+                                    LoadDelete, Refresh)
+from metacenter.core.fields import (INT32_MAX, canonical_ip, check_length, int_field, ip_value, json_type,
                                     required_string, timestamp_field, uint64_list)
+from metacenter.core.leases import REFRESH_MAX_ITEMS, lease_name, lease_ttl_ms
 from metacenter.api.envelope import invalid, invalid_json
 
 _loads = json.JSONDecoder().decode
@@ -93,18 +96,114 @@ def parse_json_object(body):
     return value
 
 
+UPDATED_TIME_MAX = 2**63 - 1  # ns; the gateway's updated_time is an int64
+
+
+def spelled_ip(obj, name="ip"):
+    """``obj[name]``: a required IPv4/IPv6 address, validated but returned as
+    the client spelled it: the core keys engines by the canonical form and
+    answers with the first spelling (the Go gateway finds engines by the
+    exact string it sent)."""
+    value = required_string(obj, name)
+    ip_value(value, name)  # raises, naming the field
+    return value
+
+
+def optional_lease(obj, name="lease"):
+    """``obj[name]``: a lease name, or None when absent or null."""
+    value = obj.get(name)
+    return None if value is None else lease_name(value, name)
+
+
 def load_add(obj):
     """POST /v1/load/stats and replicated ``load.stats.set`` -> ``LoadAdd``.
 
     ``{"cluster": str, "request_id": str, "ip": str, "prompt_length"?: int
-    bytes in [0, 2^31-1] (default 0), "timestamp"?: int ns}`` (docs/api.md)."""
+    bytes in [0, 2^31-1] (default 0), "timestamp"?: int ns, "prompt_tokens"?:
+    int in [0, 2^31-1] (default 0), "lease"?: str (1-128 characters),
+    "if_updated_time"?: int ns in [0, 2^63-1]}`` (docs/api.md). The ip is
+    passed on as spelled."""
+    if_updated_time = obj.get("if_updated_time")
+    if if_updated_time is not None:
+        if_updated_time = int_field(obj, "if_updated_time", 0, UPDATED_TIME_MAX)
     return LoadAdd((
         required_string(obj, "cluster"),
         required_string(obj, "request_id"),
-        ip_field(obj, "ip"),
+        spelled_ip(obj, "ip"),
         int_field(obj, "prompt_length", 0, INT32_MAX, default=0),
         timestamp_field(obj),
+        int_field(obj, "prompt_tokens", 0, INT32_MAX, default=0),
+        optional_lease(obj),
+        if_updated_time,
     ))
+
+
+def peer_load_add(obj):
+    """A replicated add (HTTP batch or stream) -> ``LoadAdd``, validated like
+    a client's: never with a condition, and the 5-tuple every node knows
+    when it has neither prompt_tokens nor lease."""
+    event = load_add(obj)
+    if not event[5] and event[6] is None:
+        return LoadAdd(event[:5])
+    return LoadAdd(event[:7])
+
+
+def engine_reset(obj):
+    """DELETE /v1/load/engine and replicated ``load.engine.reset`` ->
+    ``EngineReset``: ``{"cluster": str, "ip": str}`` (ip as spelled)."""
+    return EngineReset((required_string(obj, "cluster"), spelled_ip(obj, "ip")))
+
+
+def lease_keepalive(obj):
+    """POST /v1/load/lease/keepalive and replicated ``load.lease.keepalive``
+    -> ``LeaseKeepalive``: ``{"lease": str, "ttl_ms"?: int in [1000,
+    300000]}``; ttl_ms None means the node's ``--lease-ttl``."""
+    ttl_ms = obj.get("ttl_ms")
+    return LeaseKeepalive((lease_name(obj.get("lease")), None if ttl_ms is None else lease_ttl_ms(ttl_ms)))
+
+
+def lease_revoke(obj):
+    """DELETE /v1/load/lease and replicated ``load.lease.revoke`` ->
+    ``LeaseRevoke``: ``{"lease": str}``."""
+    return LeaseRevoke((lease_name(obj.get("lease")),))
+
+
+def refresh(obj):
+    """POST /v1/load/refresh and replicated ``load.refresh`` -> ``Refresh``:
+    ``{"request_ids": [str, ...]}``, at most 10,000 non-empty strings."""
+    value = obj.get("request_ids")
+    if value is None:
+        raise InvalidInput("field 'request_ids' is required")
+    if not isinstance(value, list):
+        raise InvalidInput(f"field 'request_ids' must be an array of strings, got {json_type(value)}")
+    if len(value) > REFRESH_MAX_ITEMS:
+        raise InvalidInput(f"field 'request_ids' has {len(value)} items; at most {REFRESH_MAX_ITEMS} are allowed")
+    for index, item in enumerate(value):
+        if not isinstance(item, str) or not item:
+            got = json_type(item) if not isinstance(item, str) else "an empty string"
+            raise InvalidInput(f"field 'request_ids' item {index} must be a non-empty string, got {got}")
+        required_string({"request_id": item}, "request_id")  # valid text, like a client's id
+    return Refresh((tuple(value),))
+
+
+def route_pick(obj):
+    """POST /v1/route/pick -> keyword arguments of ``core.picking.pick``
+    (without ``rng``): ``{"cluster", "request_id", "prompt_length"?,
+    "prompt_tokens"?, "prompt_hash"?: [uint64], "ips"?: [ip as spelled],
+    "lease"?}``."""
+    ips = obj.get("ips")
+    if ips is not None:
+        ips = _ip_list(obj, "ips", canonical=False)
+    hashes = obj.get("prompt_hash")
+    return {
+        "cluster": required_string(obj, "cluster"),
+        "request_id": required_string(obj, "request_id"),
+        "prompt_length": int_field(obj, "prompt_length", 0, INT32_MAX, default=0),
+        "prompt_tokens": int_field(obj, "prompt_tokens", 0, INT32_MAX, default=0),
+        "prompt_hash": None if hashes is None else hash_list(obj, "prompt_hash"),
+        "ips": ips,
+        "lease": optional_lease(obj),
+    }
 
 
 def load_delete(obj):
@@ -114,10 +213,24 @@ def load_delete(obj):
     return LoadDelete((required_string(obj, "request_id"), timestamp_field(obj)))
 
 
+_OUR_EVENTS = {
+    EVENT_ENGINE_RESET: engine_reset,
+    EVENT_LEASE_KEEPALIVE: lease_keepalive,
+    EVENT_LEASE_REVOKE: lease_revoke,
+    EVENT_REFRESH: refresh,
+}
+
+
 def load_event(event_type, obj):
-    """A replicated load event of a known type (``core.events.LOAD_EVENT_TYPES``)
-    -> ``LoadAdd`` for an add, ``LoadDelete`` for either delete."""
-    return load_add(obj) if event_type == EVENT_ADD else load_delete(obj)
+    """A replicated load event of a known type (``core.events.LOAD_EVENT_TYPES``
+    or ``TRUTH_EVENT_TYPES``) -> ``LoadAdd`` for an add, ``LoadDelete`` for
+    either delete, the typed event of ours otherwise. A replicated add never
+    carries a condition: ``if_updated_time`` is dropped (it was checked on
+    the node the client called)."""
+    if event_type == EVENT_ADD:
+        return peer_load_add(obj)
+    parse = _OUR_EVENTS.get(event_type)
+    return load_delete(obj) if parse is None else parse(obj)
 
 
 def read_events(body, max_events):
@@ -172,8 +285,9 @@ def hash_list(obj, name="prompt_hash", allow_empty=True):
     return uint64_list(obj.get(name), name, PROMPT_HASH_MAX_ITEMS, allow_empty)
 
 
-def _ip_list(obj, name):
-    """An optional array of IP addresses, canonical form; None when absent."""
+def _ip_list(obj, name, canonical=True):
+    """An optional array of IP addresses, canonical form (as spelled when
+    ``canonical`` is false); None when absent."""
     value = obj.get(name)
     if value is None:
         return None
@@ -187,7 +301,8 @@ def _ip_list(obj, name):
             raise InvalidInput(f"field '{name}' item {index} must be an IP address string, got {json_type(item)}")
         check_length(item, "ip", f"field '{name}' item {index}")
         try:
-            ips.append(canonical_ip(item))
+            address = canonical_ip(item)
+            ips.append(address if canonical else item)
         except ValueError:
             raise InvalidInput(f"field '{name}' item {index} must be an IPv4 or IPv6 address, got {item!r}") from None
     return ips
@@ -199,7 +314,7 @@ def parse_cache_save(obj):
     return CacheSave((
         required_string(obj, "cluster"),
         hash_list(obj, "prompt_hash", allow_empty=False),
-        ip_field(obj, "ip"),
+        spelled_ip(obj, "ip"),
     ))
 
 
@@ -219,5 +334,5 @@ def parse_route_score(obj):
     return (
         required_string(obj, "cluster"),
         hash_list(obj, "prompt_hash"),
-        _ip_list(obj, "ips"),
+        _ip_list(obj, "ips", canonical=False),  # as spelled: rows carry the engines' spellings
     )

@@ -13,7 +13,7 @@ import json
 from random import getrandbits
 
 from metacenter.cluster.auth import Unauthorized
-from metacenter.core.errors import InvalidInput
+from metacenter.core.errors import Conflict, InvalidInput, NotFound
 from metacenter.core.limits import LimitReached
 
 JSON_CONTENT_TYPE = b"application/json; charset=utf-8"
@@ -21,6 +21,7 @@ JSON_CONTENT_TYPE = b"application/json; charset=utf-8"
 CODE_INVALID = 40001400
 CODE_NOT_FOUND = 40001404
 CODE_METHOD = 40001405
+CODE_CONFLICT = 40001409
 CODE_TOO_LARGE = 40001413
 CODE_LIMIT = 42901429
 CODE_UNAUTHORIZED = 40101001
@@ -37,13 +38,16 @@ class ApiError(Exception):
     """An answer other than OK. Raised anywhere below a route; mapped to the
     envelope in exactly one place (``api.endpoint``)."""
 
-    def __init__(self, status, code, message, reason, headers=None):
+    def __init__(self, status, code, message, reason, headers=None, data=None):
         super().__init__(reason)
         self.status = status
         self.code = code
         self.message = message
         self.reason = reason
         self.headers = headers or {}
+        # What the client needs to decide again (a 409's current row); the
+        # envelope's ``data``, null for every other error.
+        self.data = data
 
 
 def invalid(reason):
@@ -56,6 +60,12 @@ def invalid_json(reason):
 
 def not_found(reason):
     return ApiError(404, CODE_NOT_FOUND, "Resource not found", reason)
+
+
+def conflict(reason, data=None):
+    """409, code 40001409: a conditional change whose condition no longer
+    holds; ``data`` is what the client needs to decide again."""
+    return ApiError(409, CODE_CONFLICT, "Conflict", reason, data=data)
 
 
 def method_not_allowed(allowed):
@@ -89,13 +99,18 @@ def internal():
 
 def error_for(exc):
     """The ``ApiError`` answering ``exc``: itself, a 400 for the core's
-    ``InvalidInput``, a 401 for a refused peer signature, a 429 for a count
-    limit reached (``LimitReached``); None for anything
-    else (a bug: the caller logs it and answers ``internal()``)."""
+    ``InvalidInput``, a 409 with its data for the core's ``Conflict``, a 404
+    for its ``NotFound``, a 401 for a refused peer signature, a 429 for a
+    count limit reached (``LimitReached``); None for anything else (a bug:
+    the caller logs it and answers ``internal()``)."""
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, InvalidInput):
         return invalid(exc.reason)
+    if isinstance(exc, Conflict):
+        return conflict(exc.reason, exc.data)
+    if isinstance(exc, NotFound):
+        return not_found(exc.reason)
     if isinstance(exc, Unauthorized):
         return unauthorized(exc.reason)
     if isinstance(exc, LimitReached):
@@ -130,7 +145,7 @@ def error_body(error, trace_id):
     return _dumps({
         "status": "ERROR",
         "error": {"code": error.code, "message": error.message, "reason": error.reason},
-        "data": None,
+        "data": error.data,
         "trace_id": trace_id,
     }).encode("utf-8")
 

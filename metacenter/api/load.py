@@ -12,8 +12,11 @@ class LoadRoutes:
     @endpoint("/v1/load/stats", ["POST"])
     def load_add(self, request, trace_id):
         """A request was routed to an engine: ``{"cluster", "request_id",
-        "ip", "prompt_length"?: bytes, "timestamp"?: ns}`` -> data null. A
-        duplicate is accepted and changes nothing; 400 naming the field."""
+        "ip", "prompt_length"?: bytes, "timestamp"?: ns, "prompt_tokens"?,
+        "lease"?, "if_updated_time"?: ns}`` -> data null. A duplicate is
+        accepted and changes nothing; 400 naming the field; 409 (code
+        40001409, the engine's current row in data) when ``if_updated_time``
+        is not the engine's ``updated_time``."""
         event = bodies.load_add(read_json_object(request))
         self.node.apply(EVENT_ADD, event, trace_id, ORIGIN_CLIENT)
         return None
@@ -37,7 +40,8 @@ class LoadRoutes:
     @endpoint("/v1/load/stats", ["GET"])
     def load_query(self, request, trace_id):
         """``?cluster=NAME`` -> [{"ip", "queued_req_num", "prompt_length":
-        bytes, "updated_time": ns}] ([] for an unknown cluster); 400 without
+        bytes, "updated_time": ns, "prefill_req_num", "prefill_tokens",
+        "queued_tokens"}] (counters saturated at 2^31-1) ([] for an unknown cluster); 400 without
         ``cluster``. Served from ``LoadResponseCache``."""
         cluster = self.node.state.clusters.get(bodies.cluster_query(request.args))
         if cluster is None:

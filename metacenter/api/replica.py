@@ -3,7 +3,8 @@ request, applied with ``ORIGIN_PEER`` and never forwarded again.
 
 - POST /v1/replica/event    the reference's single event (``Event-Type`` header)
 - POST /v1/replica/batch    our batches: {"events": [{"type", "body", "trace_id"}]}, load
-                            events and KV-cache saves
+                            events (ours too: engine reset, lease keepalive and revoke,
+                            refresh) and KV-cache saves
 - GET  /v1/replica/snapshot the whole state, streamed (warm start)
 - GET  /v1/replica/digest   per-cluster live count and digest (anti-entropy)
 - POST /v1/replica/buckets  the same per bucket of some clusters (anti-entropy)
@@ -22,7 +23,7 @@ from metacenter.cluster.antientropy import (ADOPTED, BUCKETS, PEER_DELETE, PEER_
                                             bucket_of, digests, encode_buckets, reconcile)
 from metacenter.cluster.snapshot import parse_record, parse_tombstone, state_chunks
 from metacenter.core.errors import InvalidInput
-from metacenter.core.events import EVENT_CACHE_SAVE, LOAD_EVENT_TYPES, ORIGIN_PEER
+from metacenter.core.events import EVENT_CACHE_SAVE, LOAD_EVENT_TYPES, ORIGIN_PEER, TRUTH_EVENT_TYPES
 from metacenter.runtime.logs import logger
 
 log = logger("metacenter.replica")
@@ -56,7 +57,8 @@ class ReplicaRoutes:
     @endpoint("/v1/replica/batch", ["POST"], peer=True)
     def replica_batch(self, request, trace_id):
         """``{"events": [{"type", "body", "trace_id"?}]}`` (at most
-        ``MAX_BATCH_EVENTS``; types: the load events and ``cache.save``) ->
+        ``MAX_BATCH_EVENTS``; types: the load events, ours
+        (``TRUTH_EVENT_TYPES``) and ``cache.save``) ->
         ``{"applied": n, "unchanged": n, "rejected": [{"index", "reason"}]}``.
         Each event is validated and applied on its own: one bad event is
         reported by index and does not cost the others."""
@@ -71,7 +73,7 @@ class ReplicaRoutes:
                     raise InvalidInput("an event must be an object")
                 event_type = item.get("type")
                 cache_save = event_type == EVENT_CACHE_SAVE
-                if not cache_save and event_type not in LOAD_EVENT_TYPES:
+                if not cache_save and event_type not in LOAD_EVENT_TYPES and event_type not in TRUTH_EVENT_TYPES:
                     raise InvalidInput("Unsupported event type")
                 payload = item.get("body")
                 if not isinstance(payload, dict):

@@ -18,12 +18,13 @@ from metacenter.api.operations import OPENAPI_PATH, OperationsRoutes  # noqa: F4
 from metacenter.api.replica import ReplicaRoutes
 from metacenter.api.response_cache import LoadResponseCache
 from metacenter.api.routing import RoutingResource
+from metacenter.api.truth import TruthRoutes
 from metacenter.runtime.logs import ThrottledLog
 from metacenter.api.views import Views
 
 
 @register_routes
-class MetacenterAPI(LoadRoutes, CacheRoutes, ReplicaRoutes, OperationsRoutes):
+class MetacenterAPI(LoadRoutes, TruthRoutes, CacheRoutes, ReplicaRoutes, OperationsRoutes):
     """The HTTP API of one node.
 
     ``node``: a ``runtime.node.Node``; ``metrics``: its ``Metrics``;

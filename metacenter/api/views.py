@@ -238,22 +238,35 @@ def _label_value(value):
 
 
 _ENGINE_COUNT_HEAD = b"# HELP model_engine_count Engines per cluster (model).\n# TYPE model_engine_count gauge\n"
-_QUEUED_HEAD = b"# HELP queued_num Requests in flight on an engine.\n# TYPE queued_num gauge\n"
-_PROMPT_HEAD = b"# HELP prompt_length Prompt bytes still in prefill on an engine.\n# TYPE prompt_length gauge\n"
+# The per-engine series: (name, help, the Engine attribute), exact values
+# (the wire's rows saturate at 2^31-1, the metrics do not). The last three
+# are issue 10's.
+_ENGINE_SERIES = (
+    ("queued_num", "Requests in flight on an engine.", "queued"),
+    ("prompt_length", "Prompt bytes still in prefill on an engine.", "prompt"),
+    ("metacenter_engine_prefill_requests", "Requests in flight on an engine whose prompt is not yet deleted.",
+     "prefill"),
+    ("metacenter_engine_prefill_tokens", "Prompt tokens of the requests in prefill on an engine.",
+     "prefill_tokens"),
+    ("metacenter_engine_queued_tokens", "Prompt tokens of the requests in flight on an engine.", "queued_tokens"),
+)
+_SERIES_HEADS = tuple(f"# HELP {name} {text}\n# TYPE {name} gauge\n".encode() for name, text, _ in _ENGINE_SERIES)
 
 
 class MetricsRender(Render):
     """``GET /metrics``: the Prometheus text format of the node's registry
     (bounded series: process, HTTP, events, replication, ...), then the
     per-cluster and per-engine load series (``model_engine_count``,
-    ``queued_num``, ``prompt_length``) in slices, each cluster's lines cached
-    by its version."""
+    ``queued_num``, ``prompt_length``, and the prefill requests, prefill
+    tokens and queued tokens of each engine) in slices, each cluster's lines
+    cached by its version. Labels are the engine's ip and the cluster's name,
+    as for the reference's series."""
 
     def __init__(self, node, registry, cooperate, budget=TURN_BUDGET):
         super().__init__(cooperate, budget)
         self._state = node.state
         self._registry = registry
-        # name -> (version, engine count line, queued lines, prompt lines)
+        # name -> (version, engine count line, lines of each _ENGINE_SERIES)
         self._lines = {}
 
     def steps(self):
@@ -262,7 +275,9 @@ class MetricsRender(Render):
         head = generate_latest(self._registry)
         state = self._state
         cache, fresh = self._lines, {}
-        counts, queued, prompt = _Pieces(), _Pieces(), _Pieces()
+        counts = _Pieces()
+        series = tuple(_Pieces() for _ in _ENGINE_SERIES)
+        every = (counts, *series)
         for name in list(state.clusters):
             cluster = state.clusters.get(name)
             if cluster is None:
@@ -270,44 +285,45 @@ class MetricsRender(Render):
             lines = cache.get(name)
             if lines is None or lines[0] != cluster.version:
                 if len(cluster.engines) >= 64:
-                    for p in (counts, queued, prompt):
+                    for p in every:
                         p.seal()
                 lines = yield from self._cluster_lines(cluster)
             fresh[name] = lines
-            counts.parts.append(lines[1])
-            queued.parts.append(lines[2])
-            prompt.parts.append(lines[3])
+            for p, part in zip(every, lines[1:]):
+                p.parts.append(part)
             if clock.spent():
-                for p in (counts, queued, prompt):
+                for p in every:
                     p.seal()
                 yield
         # Only clusters that still exist stay cached.
         self._lines = fresh
         if self.later_steps:  # a big body: the join below (a copy of all of it) gets a step of its own
             yield
-        return PlainResponse(b"".join((head, _ENGINE_COUNT_HEAD, *counts.pieces(), _QUEUED_HEAD, *queued.pieces(),
-                                       _PROMPT_HEAD, *prompt.pieces())), _METRICS_CONTENT_TYPE)
-
+        body = [head, _ENGINE_COUNT_HEAD, *counts.pieces()]
+        for series_head, pieces in zip(_SERIES_HEADS, series):
+            body += [series_head, *pieces.pieces()]
+        return PlainResponse(b"".join(body), _METRICS_CONTENT_TYPE)
 
     def _cluster_lines(self, cluster):
-        """(version, engine count line, queued lines, prompt lines) of one
-        cluster; a big cluster's over several steps, from a copy of its
-        engine list (cached only if it did not change meanwhile)."""
+        """(version, engine count line, then the lines of each of
+        ``_ENGINE_SERIES``) of one cluster; a big cluster's over several
+        steps, from a copy of its engine list (cached only if it did not
+        change meanwhile)."""
         version = cluster.version
         name = _label_value(cluster.name)
-        queued, prompt = [], []
+        lines = [[] for _ in _ENGINE_SERIES]
         engines = list(cluster.engines.values())
         for engine in engines:
             labels = f'{{engine_ip="{_label_value(engine.ip)}",model_name="{name}"}} '
-            queued.append(f"queued_num{labels}{floatToGoString(engine.queued)}\n")
-            prompt.append(f"prompt_length{labels}{floatToGoString(engine.prompt)}\n")
+            for out, (series, _, attribute) in zip(lines, _ENGINE_SERIES):
+                out.append(f"{series}{labels}{floatToGoString(getattr(engine, attribute))}\n")
             if self.clock.spent():
                 # Joined as it goes (see _Pieces): no long join at the end.
-                queued, prompt = ["".join(queued)], ["".join(prompt)]
+                lines = [["".join(out)] for out in lines]
                 yield
         return (version if cluster.version == version else -1,
                 f'model_engine_count{{model_name="{name}"}} {floatToGoString(len(engines))}\n'.encode("utf-8"),
-                "".join(queued).encode("utf-8"), "".join(prompt).encode("utf-8"))
+                *("".join(out).encode("utf-8") for out in lines))
 
 
 class Views:

@@ -40,7 +40,8 @@ from zope.interface import implementer
 from metacenter.bodyproducer import BytesProducer
 from metacenter.cluster.discovery import format_peer
 from metacenter.cluster.stream import decode_entries
-from metacenter.core.events import EVENT_ADD, EVENT_CACHE_SAVE, LOAD_EVENT_TYPES
+from metacenter.core.events import (EVENT_ADD, EVENT_CACHE_SAVE, EVENT_ENGINE_RESET, EVENT_LEASE_KEEPALIVE,
+                                    EVENT_LEASE_REVOKE, EVENT_REFRESH, LOAD_EVENT_TYPES)
 from metacenter.runtime.logs import ThrottledLog, logger
 
 log = logger("metacenter.cluster.replication")
@@ -72,8 +73,22 @@ def event_body(event_type, event):
         cluster, hashes, ip = event
         return {"cluster": cluster, "prompt_hash": hashes, "ip": ip}
     if event_type == EVENT_ADD:
-        return {"cluster": event.cluster, "request_id": event.request_id, "ip": event.ip,
+        body = {"cluster": event.cluster, "request_id": event.request_id, "ip": event.ip,
                 "prompt_length": event.prompt_length, "timestamp": event.timestamp}
+        # Ours only when set, so an add without them is the reference's body.
+        if event.prompt_tokens:
+            body["prompt_tokens"] = event.prompt_tokens
+        if event.lease is not None:
+            body["lease"] = event.lease
+        return body
+    if event_type == EVENT_ENGINE_RESET:
+        return {"cluster": event.cluster, "ip": event.ip}
+    if event_type == EVENT_LEASE_KEEPALIVE:
+        return {"lease": event.lease, "ttl_ms": event.ttl_ms}
+    if event_type == EVENT_LEASE_REVOKE:
+        return {"lease": event.lease}
+    if event_type == EVENT_REFRESH:
+        return {"request_ids": list(event.request_ids)}
     return {"request_id": event.request_id, "timestamp": event.timestamp}
 
 

@@ -2,8 +2,12 @@
 streams (anti-entropy), one JSON value per line.
 
     {"snapshot":1,"node":"10.0.0.5","time":<ns>,"log":L,"offset":n}   header
-    ["r",request_id,cluster,ip,prompt_length,prompt_deleted,created_s]   a live request
-    ["t",request_id,kind,created_s]                               a tombstone (1 prompt, 2 deleted)
+    ["l",lease,ttl_ms,expires_in_ms]                              a gateway lease alive (before the rest)
+    ["t",request_id,kind,created_s]                               a tombstone (1 prompt, 2 deleted,
+                                                                  3 released by a reset or a lease)
+    ["r",request_id,cluster,ip,prompt_length,prompt_deleted,created_s,prompt_tokens,lease]
+                                                                  a live request (snapshots; anti-entropy's
+                                                                  records stop at created_s)
     ["c",cluster,ip,[hash,...]]                                    KV-cache blocks of an engine
     {"end":true,"requests":n,"tombstones":n,"cache_engines":n}    the stream is complete
 
@@ -16,6 +20,7 @@ receiver validates every entry like a client request before merging it;
 the serving node's log when the snapshot started: the receiver resumes that
 log's stream there, so nothing between the two is missed;
 ``created_s`` carries the request's birth, so expiry deadlines travel along.
+An ip travels as the engine's first spelling (validated, never rewritten).
 """
 
 import json
@@ -25,8 +30,9 @@ from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from metacenter.core.errors import InvalidInput
-from metacenter.core.fields import INT32_MAX, INT64_MAX, int_field, ip_field, is_uint64, required_string
-from metacenter.core.load import TOMB_DELETED, TOMB_PROMPT
+from metacenter.core.fields import INT32_MAX, INT64_MAX, int_field, ip_value, is_uint64, required_string
+from metacenter.core.leases import lease_name, lease_ttl_ms
+from metacenter.core.load import TOMB_DELETED, TOMB_PROMPT, TOMB_RELEASED
 from metacenter.runtime.turns import in_chunks
 
 FORMAT = 1
@@ -39,11 +45,21 @@ _decode = json.JSONDecoder().decode
 # -- encoding --------------------------------------------------------------------
 
 
+def ip_field(fields, name="ip"):
+    """``fields[name]``: a required IP address, validated and kept as spelled."""
+    value = required_string(fields, name)
+    ip_value(value, name)
+    return value
+
+
 def record_entry(record):
-    """A live request's record tuple (``LoadState.iter_requests``) -> its
-    ``["r", ...]`` entry."""
-    request_id, cluster, ip, prompt_length, prompt_deleted, created_s = record
-    return ["r", request_id, cluster, ip, prompt_length, 1 if prompt_deleted else 0, created_s]
+    """A live request's record tuple (``LoadState.iter_requests``, with
+    ``full`` or not) -> its ``["r", ...]`` entry."""
+    request_id, cluster, ip, prompt_length, prompt_deleted, created_s = record[:6]
+    entry = ["r", request_id, cluster, ip, prompt_length, 1 if prompt_deleted else 0, created_s]
+    if len(record) > 6:
+        entry += [record[6], record[7]]
+    return entry
 
 
 def _lines(entries):
@@ -66,17 +82,26 @@ def state_chunks(node, clusters=None, tombstones=True, cache=True, keep=None):
         header["log"], header["offset"] = position()
     yield _lines([header])
     counts = {"requests": 0, "tombstones": 0, "cache_engines": 0}
+    full = tombstones and cache and clusters is None  # a warm start's snapshot, not anti-entropy's records
+    if full:
+        # Leases first: the requests that name one find it alive. (Few: one
+        # per gateway instance.)
+        for looked in in_chunks(state.iter_leases(), CHUNK):
+            counts["leases"] = counts.get("leases", 0) + len(looked)
+            yield _lines(["l", lease, ttl_ms, expires_in_ms] for lease, ttl_ms, expires_in_ms in looked)
     # Tombstones before requests: an event arriving during the walk only
     # moves an entry from the tombstones to the requests (an add meeting a
     # prompt tombstone) or to a delete tombstone (which needs no snapshot:
     # its request is gone everywhere). The other order would lose a prompt
     # tombstone turned into a request after the requests were walked, with
-    # nothing in the log after the header's offset to bring it back.
+    # nothing in the log after the header's offset to bring it back. (So the
+    # requests of a reset engine not yet touched travel as neither: the
+    # receiver does not count them, but a late add of one there would.)
     if tombstones:
-        for looked in in_chunks(state.iter_tombstones(), CHUNK):
+        for looked in in_chunks(state.iter_tombstones(full=full), CHUNK):
             counts["tombstones"] += len(looked)
             yield _lines(["t", request_id, kind, created_s] for request_id, kind, created_s in looked)
-    for looked in in_chunks(state.iter_requests(), CHUNK):
+    for looked in in_chunks(state.iter_requests(full=full), CHUNK):
         if clusters is not None:
             looked = [r for r in looked if r[1] in clusters]
         if keep is not None:
@@ -153,12 +178,21 @@ class ChunkProducer:
 
 def parse_record(item):
     """A ``["r", ...]`` entry (or the same without the tag) -> the record
-    tuple, validated like a client's add; InvalidInput otherwise."""
+    tuple, validated like a client's add; InvalidInput otherwise. A record
+    with prompt_tokens and lease (a snapshot's) gives an 8-tuple, one
+    without (anti-entropy's) the 6-tuple."""
     # Tagged entries are one longer, so an untagged request id "r" is not a tag.
-    if isinstance(item, list) and len(item) == 7 and item[0] == "r":
+    if isinstance(item, list) and len(item) in (7, 9) and item[0] == "r":
         item = item[1:]
-    if not isinstance(item, list) or len(item) != 6:
-        raise InvalidInput("a record must be [request_id, cluster, ip, prompt_length, prompt_deleted, created_s]")
+    if not isinstance(item, list) or len(item) not in (6, 8):
+        raise InvalidInput("a record must be [request_id, cluster, ip, prompt_length, prompt_deleted, created_s] "
+                           "or the same with prompt_tokens and lease")
+    extra = ()
+    if len(item) == 8:
+        tokens, lease = item[6], item[7]
+        extra = (int_field({"prompt_tokens": tokens}, "prompt_tokens", 0, INT32_MAX, default=0),
+                 None if lease is None else lease_name(lease))
+        item = item[:6]
     request_id, cluster, ip, prompt_length, prompt_deleted, created_s = item
     fields = {"request_id": request_id, "cluster": cluster, "ip": ip, "prompt_length": prompt_length}
     request_id, cluster = required_string(fields, "request_id"), required_string(fields, "cluster")
@@ -167,7 +201,17 @@ def parse_record(item):
         raise InvalidInput("field 'prompt_deleted' of a record must be 0 or 1")
     if created_s is not None and (isinstance(created_s, bool) or not isinstance(created_s, int) or created_s < 0):
         raise InvalidInput("field 'created_s' of a record must be a non-negative integer")
-    return (request_id, cluster, ip, prompt_length, bool(prompt_deleted), created_s)
+    return (request_id, cluster, ip, prompt_length, bool(prompt_deleted), created_s) + extra
+
+
+def parse_lease(item):
+    """``["l", lease, ttl_ms, expires_in_ms]`` -> (lease, ttl_ms, expires_in_ms)."""
+    if len(item) != 4:
+        raise InvalidInput("a lease entry must be [\"l\", lease, ttl_ms, expires_in_ms]")
+    _, lease, ttl_ms, expires_in_ms = item
+    if isinstance(expires_in_ms, bool) or not isinstance(expires_in_ms, int) or expires_in_ms < 0:
+        raise InvalidInput("field 'expires_in_ms' of a lease entry must be a non-negative integer")
+    return lease_name(lease), lease_ttl_ms(ttl_ms), expires_in_ms
 
 
 def parse_tombstone(item):
@@ -178,8 +222,8 @@ def parse_tombstone(item):
         raise InvalidInput("a tombstone must be [request_id, kind]")
     request_id = required_string({"request_id": item[0]}, "request_id")
     kind = item[1]
-    if kind not in (TOMB_PROMPT, TOMB_DELETED) or isinstance(kind, bool):
-        raise InvalidInput(f"field 'kind' of a tombstone must be {TOMB_PROMPT} or {TOMB_DELETED}")
+    if kind not in (TOMB_PROMPT, TOMB_DELETED, TOMB_RELEASED) or isinstance(kind, bool) or isinstance(kind, float):
+        raise InvalidInput(f"field 'kind' of a tombstone must be {TOMB_PROMPT}, {TOMB_DELETED} or {TOMB_RELEASED}")
     return request_id, kind
 
 
@@ -221,7 +265,7 @@ class SnapshotMerger:
         self._node = node
         self.listed = listed  # a set: the ids of the peer's live requests go in it
         self.complete = False
-        self.merged = {"requests": 0, "tombstones": 0, "cache_engines": 0}
+        self.merged = {"requests": 0, "tombstones": 0, "cache_engines": 0, "leases": 0}
         self.invalid = 0
         self.first_error = None
         self.expected = None
@@ -252,6 +296,9 @@ class SnapshotMerger:
             elif tag == "t":
                 self._node.merge_tombstone(*parse_tombstone(entry))
                 self.merged["tombstones"] += 1
+            elif tag == "l":
+                self._node.merge_lease(*parse_lease(entry))
+                self.merged["leases"] += 1
             elif tag == "c":
                 self._node.cache.apply_snapshot(*parse_cache_entry(entry))
                 self.merged["cache_engines"] += 1

@@ -81,8 +81,9 @@ from twisted.python.failure import Failure
 
 from metacenter.api import bodies
 from metacenter.core.errors import InvalidInput
-from metacenter.core.events import (EVENT_ADD, EVENT_CACHE_SAVE, EVENT_DELETE, EVENT_PROMPT_DELETE, LoadAdd,
-                                    LoadDelete)
+from metacenter.core.events import (EVENT_ADD, EVENT_CACHE_SAVE, EVENT_DELETE, EVENT_ENGINE_RESET,
+                                    EVENT_LEASE_KEEPALIVE, EVENT_LEASE_REVOKE, EVENT_PROMPT_DELETE, EVENT_REFRESH,
+                                    LoadAdd, LoadDelete)
 from metacenter.core.fields import INT32_MAX, INT64_MAX, MAX_LENGTHS, canonical_ip
 from metacenter.core.replog import FRESH, RESUMED
 from metacenter.runtime.logs import ThrottledLog, logger
@@ -221,16 +222,21 @@ class EventType:
     parser (``api.bodies``) that validates them and returns the typed event;
     ``fast(entry)`` optionally returns the same event without building a dict,
     or None to leave the entry to ``parse`` (it must accept only what
-    ``parse`` accepts, with the same result)."""
+    ``parse`` accepts, with the same result). ``required``: how many of the
+    fields an entry must have at least (all by default); the rest are
+    optional trailing ones (an add's prompt_tokens and lease)."""
 
-    __slots__ = ("name", "fields", "parse", "fast")
+    __slots__ = ("name", "fields", "parse", "fast", "required")
 
-    def __init__(self, name, fields, parse, fast=None):
+    def __init__(self, name, fields, parse, fast=None, required=None):
         self.name, self.fields, self.parse, self.fast = name, tuple(fields), parse, fast
+        self.required = len(self.fields) if required is None else required
 
     def decode(self, entry):
-        if len(entry) != len(self.fields) + 1:
-            raise InvalidInput(f"event '{self.name}' must have {len(self.fields)} fields "
+        if not self.required < len(entry) <= len(self.fields) + 1:
+            counted = (f"{len(self.fields)}" if self.required == len(self.fields)
+                       else f"{self.required} to {len(self.fields)}")
+            raise InvalidInput(f"event '{self.name}' must have {counted} fields "
                                f"({', '.join(self.fields)}), got {len(entry) - 1}")
         if self.fast is not None:
             event = self.fast(entry)
@@ -240,6 +246,8 @@ class EventType:
 
 
 def _fast_add(entry):
+    if len(entry) != 6:
+        return None  # with prompt_tokens and lease: parse() checks them
     _, cluster, request_id, ip, prompt_length, timestamp = entry
     if (type(cluster) is str and type(request_id) is str and type(ip) is str and cluster and request_id
             and cluster.isascii() and request_id.isascii()  # other text: parse() checks surrogates
@@ -248,9 +256,10 @@ def _fast_add(entry):
             and type(prompt_length) is int and 0 <= prompt_length <= INT32_MAX
             and (timestamp is None or (type(timestamp) is int and 0 <= timestamp <= INT64_MAX))):
         try:
-            return LoadAdd((cluster, request_id, canonical_ip(ip), prompt_length, timestamp))
+            canonical_ip(ip)  # validated; the core keeps the spelling (issue 10)
         except ValueError:
             return None
+        return LoadAdd((cluster, request_id, ip, prompt_length, timestamp))
     return None
 
 
@@ -266,17 +275,23 @@ def _fast_delete(entry):
 EVENT_TYPES = {}
 
 
-def register_event_type(name, fields, parse, fast=None):
+def register_event_type(name, fields, parse, fast=None, required=None):
     """Lets events of type ``name`` travel over the stream (see ``EventType``).
     The sender needs nothing: any typed tuple is encoded as it is."""
-    EVENT_TYPES[name] = EventType(name, fields, parse, fast)
+    EVENT_TYPES[name] = EventType(name, fields, parse, fast, required)
 
 
-register_event_type(EVENT_ADD, ("cluster", "request_id", "ip", "prompt_length", "timestamp"), bodies.load_add,
-                    _fast_add)
+# An add without prompt_tokens and lease travels as the 5 fields it always had.
+register_event_type(EVENT_ADD, ("cluster", "request_id", "ip", "prompt_length", "timestamp", "prompt_tokens", "lease"),
+                    bodies.peer_load_add, _fast_add, required=5)
 register_event_type(EVENT_DELETE, ("request_id", "timestamp"), bodies.load_delete, _fast_delete)
 register_event_type(EVENT_PROMPT_DELETE, ("request_id", "timestamp"), bodies.load_delete, _fast_delete)
 register_event_type(EVENT_CACHE_SAVE, ("cluster", "prompt_hash", "ip"), bodies.parse_cache_save)
+# Issue 10's: validated like the client requests they come from.
+register_event_type(EVENT_ENGINE_RESET, ("cluster", "ip"), bodies.engine_reset)
+register_event_type(EVENT_LEASE_KEEPALIVE, ("lease", "ttl_ms"), bodies.lease_keepalive)
+register_event_type(EVENT_LEASE_REVOKE, ("lease",), bodies.lease_revoke)
+register_event_type(EVENT_REFRESH, ("request_ids",), bodies.refresh)
 
 
 def decode_entries(payload, count, types=None):

@@ -31,6 +31,7 @@ from collections import OrderedDict, deque
 from collections.abc import Iterator
 
 from metacenter.core.clock import Clock
+from metacenter.core.fields import canonical_ip, ip_value
 
 PROMPT_HASH_MAX_ITEMS = 100_000
 TOPK_MAX = 1000
@@ -56,15 +57,18 @@ _HASH_BYTES = 48
 
 
 class _EngineBlocks:
-    """The blocks one engine holds, in LRU order."""
+    """The blocks one engine holds, in LRU order. ``address`` is the
+    canonical form of its IP (the key), ``ip`` the spelling it was first
+    saved with (what answers carry), as in the load table."""
 
-    __slots__ = ("serial", "cluster", "ip", "slot", "bit", "tick_of", "hash_at",
+    __slots__ = ("serial", "cluster", "ip", "address", "slot", "bit", "tick_of", "hash_at",
                  "oldest", "next_tick", "mark_buckets", "mark_ticks")
 
-    def __init__(self, serial, cluster, ip, slot):
+    def __init__(self, serial, cluster, ip, slot, address=None):
         self.serial = serial
         self.cluster = cluster
         self.ip = ip
+        self.address = ip if address is None else address
         self.slot = slot
         self.bit = 1 << slot
         self.tick_of = {}  # hash -> tick of its last touch
@@ -86,7 +90,7 @@ class _ClusterBlocks:
     def __init__(self, name):
         self.name = name
         self.owners = {}  # hash -> bitmask of engine slots
-        self.engines = {}  # ip -> _EngineBlocks
+        self.engines = {}  # canonical address -> _EngineBlocks
         self.by_slot = []  # slot -> _EngineBlocks or None
         self.free_slots = []  # heap: the lowest free slot first keeps masks small
         self.blocks = 0  # stored (engine, block) pairs
@@ -155,8 +159,14 @@ class CacheIndex:
         """{cluster: engines holding at least one block}."""
         return {name: len(c.engines) for name, c in self._clusters.items()}
 
+    def engine_ip(self, cluster: str, ip: str) -> str | None:
+        """The spelling engine (cluster, ip) was first saved with (``ip`` in
+        any spelling), or None for an engine holding nothing."""
+        engine = self._find(cluster, ip)
+        return None if engine is None else engine.ip
+
     def engine_block_count(self, cluster: str, ip: str) -> int:
-        """Blocks engine ``ip`` of ``cluster`` holds (0 if unknown)."""
+        """Blocks engine ``ip`` (any spelling) of ``cluster`` holds (0 if unknown)."""
         engine = self._find(cluster, ip)
         return 0 if engine is None else len(engine.tick_of)
 
@@ -176,22 +186,29 @@ class CacheIndex:
 
     def _find(self, cluster, ip):
         c = self._clusters.get(cluster)
-        return None if c is None else c.engines.get(ip)
+        if c is None:
+            return None
+        try:
+            address = canonical_ip(ip)
+        except ValueError:
+            return None  # not an address: no engine has it
+        return c.engines.get(address)
 
     def _engine_for(self, cluster_name, ip):
+        address = ip_value(ip, "ip")  # before any change: a refusal leaves the index as it was
         cluster = self._clusters.get(cluster_name)
         if cluster is None:
             cluster = self._clusters[cluster_name] = _ClusterBlocks(cluster_name)
-        engine = cluster.engines.get(ip)
+        engine = cluster.engines.get(address)
         if engine is None:
             if cluster.free_slots:
                 slot = heapq.heappop(cluster.free_slots)
             else:
                 slot = len(cluster.by_slot)
                 cluster.by_slot.append(None)
-            engine = _EngineBlocks(self._next_serial, cluster_name, ip, slot)
+            engine = _EngineBlocks(self._next_serial, cluster_name, ip, slot, address)
             self._next_serial += 1
-            cluster.engines[ip] = engine
+            cluster.engines[address] = engine
             cluster.by_slot[slot] = engine
             self._engines[engine.serial] = engine
         return engine, cluster
@@ -212,7 +229,7 @@ class CacheIndex:
                     owners[block] = mask
                 else:
                     del owners[block]
-            del cluster.engines[engine.ip]
+            del cluster.engines[engine.address]
             cluster.by_slot[engine.slot] = None
             heapq.heappush(cluster.free_slots, engine.slot)
             cluster.blocks -= count
@@ -222,8 +239,9 @@ class CacheIndex:
         return count
 
     def forget_engine(self, cluster: str, ip: str) -> int:
-        """The engine restarted or went away: its cache is gone. Returns the
-        number of blocks dropped."""
+        """The engine restarted or went away: its cache is gone. ``ip`` in
+        any spelling. Returns the number of blocks dropped (0 for an unknown
+        engine). O(its blocks), at most ``engine_blocks``."""
         engine = self._find(cluster, ip)
         if engine is None:
             return 0
@@ -325,7 +343,16 @@ class CacheIndex:
 
     def match_lengths(self, cluster: str, hashes: list[int]) -> dict[str, int]:
         """{ip: number of leading ``hashes`` the engine holds} for every engine
-        holding at least the first. Does not count as a query in the metrics."""
+        holding at least the first, ``ip`` as the engine was first spelled.
+        Does not count as a query in the metrics."""
+        return self._match(cluster, hashes, "ip")
+
+    def match_addresses(self, cluster: str, hashes: list[int]) -> dict[str, int]:
+        """Like ``match_lengths``, keyed by canonical address: for joining
+        with the load table whatever the spellings."""
+        return self._match(cluster, hashes, "address")
+
+    def _match(self, cluster: str, hashes: list[int], key: str) -> dict[str, int]:
         c = self._clusters.get(cluster)
         if c is None or not hashes:
             return {}
@@ -343,7 +370,7 @@ class CacheIndex:
                 gone = active ^ mask
                 while gone:
                     low = gone & -gone
-                    lengths[by_slot[low.bit_length() - 1].ip] = index
+                    lengths[getattr(by_slot[low.bit_length() - 1], key)] = index
                     gone ^= low
                 active = mask
                 if not active:
@@ -351,7 +378,7 @@ class CacheIndex:
             index += 1
         while active:
             low = active & -active
-            lengths[by_slot[low.bit_length() - 1].ip] = count
+            lengths[getattr(by_slot[low.bit_length() - 1], key)] = count
             active ^= low
         return lengths
 

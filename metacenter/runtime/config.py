@@ -61,6 +61,14 @@ def positive_duration(text):
     return value
 
 
+def lease_duration(text):
+    """A lease TTL: a duration in [1 s, 300 s] (a keepalive's ttl_ms range)."""
+    value = parse_duration(text)
+    if not 1.0 <= value <= 300.0:
+        raise ValueError(f"must be a duration from 1s to 300s, got {text!r}")
+    return value
+
+
 def positive_int(text):
     # int(1.5) would be 1: a float from the file is refused, not truncated.
     if isinstance(text, (bool, float)):
@@ -225,6 +233,9 @@ SETTINGS = (
     Setting("tombstone-ttl", positive_duration, 60.0,
             "How long a delete is remembered, so that a late or repeated add changes nothing.",
             env=("METACENTER_TOMBSTONE_TTL",)),
+    Setting("lease-ttl", lease_duration, 10.0,
+            "Default TTL of a gateway lease (a keepalive or an add that names a lease without ttl_ms); "
+            "from 1s to 300s.", env=("METACENTER_LEASE_TTL",)),
     Setting("max-body", byte_size, 65536, "Largest accepted request body in bytes; larger ones get 413.",
             env=("METACENTER_MAX_BODY",)),
     Setting("log-level", log_level, "INFO", "Initial log level (TRACE DEBUG INFO WARN ERROR FATAL).",

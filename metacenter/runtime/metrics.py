@@ -50,6 +50,23 @@ class LoadCollector:
             g = GaugeMetricFamily(name, help_text)
             g.add_metric([], value)
             yield g
+        yield GaugeMetricFamily("metacenter_leases", "Gateway leases alive.", value=state.lease_count)
+        stats = state.stats
+        for name, help_text, key in (
+            ("metacenter_lease_expiries", "Gateway leases that went a TTL without a keepalive.", "expired_leases"),
+            ("metacenter_lease_revokes", "Gateway leases revoked by DELETE /v1/load/lease.", "revoked_leases"),
+            ("metacenter_engine_resets", "Engine resets applied (DELETE /v1/load/engine, or a peer's).",
+             "reset_engines"),
+            ("metacenter_refreshed_requests", "Requests whose expiry clock a refresh restarted.",
+             "refreshed_requests"),
+        ):
+            yield CounterMetricFamily(name, help_text, value=stats[key])
+        released = CounterMetricFamily("metacenter_released_requests",
+                                       "In-flight requests released at once, by cause: the end of their gateway's "
+                                       "lease, or the reset of their engine.", labels=["reason"])
+        released.add_metric(["lease"], stats["lease_released_requests"])
+        released.add_metric(["reset"], stats["reset_requests"])
+        yield released
 
 
 class ValueGauge:

@@ -8,18 +8,22 @@ in-process test harnesses); everything a node uses is handed to ``Node`` when
 it is built, nothing is filled in afterwards.
 """
 
+import random
 import time
 
 from twisted.internet import task
 
 from metacenter import __version__
 from metacenter.core.cache import CacheIndex
-from metacenter.core.events import (EVENT_ADD, EVENT_CACHE_SAVE, EVENT_DELETE, EVENT_PROMPT_DELETE, LoadAdd,
-                                    LoadDelete, ORIGIN_CLIENT, ORIGIN_PEER)
+from metacenter.core import picking
+from metacenter.core.events import (EVENT_ADD, EVENT_CACHE_SAVE, EVENT_DELETE, EVENT_ENGINE_RESET,
+                                    EVENT_LEASE_KEEPALIVE, EVENT_LEASE_REVOKE, EVENT_PROMPT_DELETE, EVENT_REFRESH,
+                                    LeaseKeepalive, LoadAdd, LoadDelete, ORIGIN_CLIENT, ORIGIN_PEER)
 from metacenter.core.limits import CountLimits
 from metacenter.core.load import LoadState
 from metacenter.runtime import logs
 from metacenter.runtime.metrics import CacheCollector, Metrics
+from metacenter.runtime.sweeper import LeaseTimer
 
 
 class Readiness:
@@ -59,6 +63,15 @@ def _no_peers():
     return []
 
 
+def _replicated_add(event):
+    """The add a node replicates: never its condition (``if_updated_time``
+    was checked here), and without prompt_tokens and lease when it has
+    neither, so it is the 5-field add every peer knows."""
+    if len(event) > 5 and (event[5] or (len(event) > 6 and event[6] is not None)):
+        return LoadAdd(event[:7]) if len(event) > 7 else event
+    return LoadAdd(event[:5]) if len(event) > 5 else event
+
+
 class Node:
     """One node's state and its collaborators, all given here:
 
@@ -83,10 +96,13 @@ class Node:
     - ``log_position``: a callable returning ``(log_id, offset)`` of this
       node's replication log (``ReplicationLog.position``), written in the
       header of the snapshots it serves; None without a log.
+    - ``lease_timer``: the ``sweeper.LeaseTimer`` that ends due leases and
+      releases their requests (a revoke kicks it), or None.
+    - ``rng``: the ``random.Random`` a pick breaks equal scores with.
     """
 
     def __init__(self, state, cache, metrics, clock, *, readiness, cooperate, peer_status=_no_peers, listeners=(),
-                 advertise="", limits=None, replication=None, log_position=None):
+                 advertise="", limits=None, replication=None, log_position=None, lease_timer=None, rng=None):
         self.state = state
         self.cache = cache
         self.metrics = metrics
@@ -100,6 +116,8 @@ class Node:
         self._limits_log = logs.ThrottledLog(logs.logger("metacenter.runtime.limits"), clock, 60.0)
         self.replication = replication
         self.log_position = log_position
+        self.lease_timer = lease_timer
+        self.rng = rng if rng is not None else random.Random()
         self.started_at_ns = int(time.time() * 1e9)
         self.version = __version__
 
@@ -115,36 +133,100 @@ class Node:
 
     def _stamped(self, event):
         """Events leaving this node carry a timestamp (set now if the client
-        sent none), so every replica agrees on the request's birth."""
+        sent none), so every replica agrees on the request's birth. An add
+        keeps its prompt_tokens, lease and condition."""
         if event.timestamp is not None:
             return event
         now_ns = int(self.clock.seconds() * 1e9)
         if isinstance(event, LoadAdd):
-            return LoadAdd(event[:4] + (now_ns,))
+            return LoadAdd(event[:4] + (now_ns,) + event[5:])
         return LoadDelete((event[0], now_ns))
 
     def apply(self, event_type, event, trace_id=None, origin=ORIGIN_CLIENT):
         """Apply one validated load event (``LoadAdd`` for ``EVENT_ADD``,
-        ``LoadDelete`` otherwise); returns whether the state changed. A
-        client's event is stamped with the time now if it has no timestamp
-        (ns) and goes to every listener."""
+        ``LoadDelete`` for either delete, ``EngineReset``, ``LeaseKeepalive``,
+        ``LeaseRevoke`` or ``Refresh`` for ours); returns whether the state
+        changed. ``run`` is the same with the core's answer."""
+        result = self.run(event_type, event, trace_id, origin)
+        if event_type == EVENT_ENGINE_RESET:
+            return result != (0, 0)
+        if event_type == EVENT_LEASE_KEEPALIVE:
+            return True  # a renewal moves the deadline
+        return bool(result)
+
+    def run(self, event_type, event, trace_id=None, origin=ORIGIN_CLIENT):
+        """Apply one validated event and return the core's answer: a bool for
+        the add and deletes, ``(released_requests, cache_blocks)`` for a
+        reset, ``{"lease", "ttl_ms", "requests"}`` for a keepalive, the
+        requests held for a revoke, the count refreshed for a refresh.
+
+        A client's event goes to every listener (replication) after it was
+        applied: an add stamped with the time now if it had no timestamp
+        (ns) and without its ``if_updated_time`` (a condition checked here,
+        never replicated), a keepalive with its resolved ``ttl_ms``. A
+        refused event (``InvalidInput``, ``Conflict``, ``LimitReached``)
+        changes nothing and goes nowhere."""
         state = self.state
-        if event_type == EVENT_ADD:
-            self._within_limits(event, origin)
-        self.metrics.observe_event_timestamp(event.timestamp, self.clock.seconds())
-        if origin == ORIGIN_CLIENT:
-            event = self._stamped(event)
-        if event_type == EVENT_ADD:
-            changed = state.add(event.cluster, event.request_id, event.ip, event.prompt_length, event.timestamp)
-        elif event_type == EVENT_DELETE:
-            changed = state.delete(event.request_id)
+        if event_type == EVENT_ADD or event_type == EVENT_DELETE or event_type == EVENT_PROMPT_DELETE:
+            if event_type == EVENT_ADD:
+                self._within_limits(event, origin)
+            self.metrics.observe_event_timestamp(event.timestamp, self.clock.seconds())
+            if origin == ORIGIN_CLIENT:
+                event = self._stamped(event)
+            if event_type == EVENT_ADD:
+                result = state.add(*event)
+                event = _replicated_add(event)
+            elif event_type == EVENT_DELETE:
+                result = state.delete(event.request_id)
+            else:
+                result = state.delete_prompt(event.request_id)
+            changed = result
         else:
-            changed = state.delete_prompt(event.request_id)
+            result, changed, event = self._run_ours(event_type, event)
         self.metrics.observe_event(event_type, origin, changed)
         if origin == ORIGIN_CLIENT:
             for listener in self.event_listeners:
                 listener(event_type, event, trace_id)
-        return changed
+        return result
+
+    def _run_ours(self, event_type, event):
+        """(the core's answer, changed, the event to replicate) of a reset,
+        keepalive, revoke or refresh."""
+        state = self.state
+        if event_type == EVENT_ENGINE_RESET:
+            result = picking.reset_engine(state, self.cache, event.cluster, event.ip)
+            return result, result != (0, 0), event
+        if event_type == EVENT_LEASE_KEEPALIVE:
+            result = state.keepalive(event.lease, event.ttl_ms)
+            return result, True, LeaseKeepalive((event.lease, result["ttl_ms"]))
+        if event_type == EVENT_LEASE_REVOKE:
+            result = state.revoke_lease(event.lease)
+            if state.releasing and self.lease_timer is not None:
+                self.lease_timer.run()  # the rest of its requests, a step per turn
+            return result, result > 0, event
+        if event_type == EVENT_REFRESH:
+            result = state.refresh(event.request_ids)
+            return result, result > 0, event
+        raise ValueError(f"unknown event type {event_type!r}")
+
+    def pick(self, request, trace_id=None):
+        """Pick-and-book (``core.picking.pick``): ``request`` holds its keyword
+        arguments (``bodies.route_pick``). Returns ``{"ip", "score",
+        "cache_length", "queued_req_num"}``; a booking is an add, replicated
+        as one (stamped now). ``NotFound``, ``Conflict``, ``InvalidInput``
+        as ``pick``'s. (The count limits are checked on the add path only:
+        a pick's engine is known only once chosen.)"""
+        now_ns = int(self.clock.seconds() * 1e9)
+        answer = picking.pick(self.state, self.cache, rng=self.rng, timestamp_ns=now_ns, **request)
+        booked = answer.pop("booked")
+        self.metrics.observe_event(EVENT_ADD, ORIGIN_CLIENT, booked)
+        if booked:
+            event = _replicated_add(LoadAdd((request["cluster"], request["request_id"], answer["ip"],
+                                             request["prompt_length"], now_ns, request["prompt_tokens"],
+                                             request["lease"])))
+            for listener in self.event_listeners:
+                listener(EVENT_ADD, event, trace_id)
+        return answer
 
     def _within_limits(self, event, origin):
         """Refuse a client's add over a count limit (``LimitReached``, before
@@ -189,7 +271,7 @@ class Node:
             if event_type == EVENT_ADD:
                 self._within_limits(event, ORIGIN_PEER)  # applied anyway; an overrun is counted
                 timestamp = event[4]
-                changed = add(event[0], event[1], event[2], event[3], timestamp)
+                changed = add(event[0], event[1], event[2], event[3], timestamp, *event[5:7])
             elif event_type == EVENT_DELETE:
                 timestamp = event[1]  # for the latency metric only: deletes ignore it
                 changed = delete(event[0])
@@ -217,7 +299,12 @@ class Node:
         return changed_total
 
     # Appliers of peer event types beyond the four above, by event type.
-    peer_appliers = {}
+    peer_appliers = {
+        EVENT_ENGINE_RESET: lambda node, event: node._run_ours(EVENT_ENGINE_RESET, event)[1],
+        EVENT_LEASE_KEEPALIVE: lambda node, event: node._run_ours(EVENT_LEASE_KEEPALIVE, event)[1],
+        EVENT_LEASE_REVOKE: lambda node, event: node._run_ours(EVENT_LEASE_REVOKE, event)[1],
+        EVENT_REFRESH: lambda node, event: node._run_ours(EVENT_REFRESH, event)[1],
+    }
 
     def save_cache(self, event, trace_id=None, origin=ORIGIN_CLIENT):
         """Engine ``ip`` now holds the KV cache of ``prompt_hash``'s prefixes;
@@ -232,10 +319,16 @@ class Node:
                 listener(EVENT_CACHE_SAVE, event, trace_id)
         return changed
 
-    def merge_record(self, request_id, cluster, ip, prompt_length, prompt_deleted, created_s):
+    def merge_record(self, request_id, cluster, ip, prompt_length, prompt_deleted, created_s, prompt_tokens=0,
+                     lease=None):
         """A live request from a peer's snapshot or repair; an order-insensitive
         merge, so what also arrives as events is never counted twice."""
-        return self.state.apply_record(request_id, cluster, ip, prompt_length, prompt_deleted, created_s)
+        return self.state.apply_record(request_id, cluster, ip, prompt_length, prompt_deleted, created_s,
+                                       prompt_tokens, lease)
+
+    def merge_lease(self, lease, ttl_ms, expires_in_ms):
+        """A lease alive on a peer (its snapshot): alive here at least as long."""
+        return self.state.apply_lease(lease, ttl_ms, expires_in_ms)
 
     def merge_tombstone(self, request_id, kind):
         """A delete (or early prompt delete) from a peer's snapshot or repair."""
@@ -271,7 +364,8 @@ class Node:
 
 def build_node(clock, *, request_expire=660.0, tombstone_ttl=60.0, cache_engine_blocks=None, cache_ttl=None,
                cache_max_blocks=None, advertise="", registry=None, readiness=None, cooperate=None,
-               peer_status=_no_peers, listeners=(), count_limits=None, replication=None, log_position=None):
+               peer_status=_no_peers, listeners=(), count_limits=None, replication=None, log_position=None,
+               lease_ttl=10.0, rng=None):
     """A node with its load table, KV-cache index and metrics wired together:
     the one place that does it (makeService, in-process tests).
 
@@ -280,9 +374,10 @@ def build_node(clock, *, request_expire=660.0, tombstone_ttl=60.0, cache_engine_
     None). ``cooperate``: the cooperator for big jobs (Twisted's global one if
     None; a process passes ``turns.chunk_per_turn(reactor).cooperate``).
     ``peer_status``, ``listeners``, ``replication`` and ``log_position`` as
-    for ``Node``; ``count_limits`` is its ``limits``.
+    for ``Node``; ``count_limits`` is its ``limits``. ``lease_ttl``: the
+    default lease TTL in seconds (``--lease-ttl``). ``rng``: as for ``Node``.
     """
-    state = LoadState(clock, request_expire=request_expire, tombstone_ttl=tombstone_ttl)
+    state = LoadState(clock, request_expire=request_expire, tombstone_ttl=tombstone_ttl, lease_ttl=lease_ttl)
     metrics = Metrics(state, registry)
     limits = {name: value for name, value in (("engine_blocks", cache_engine_blocks), ("ttl", cache_ttl),
                                               ("max_blocks", cache_max_blocks)) if value is not None}
@@ -290,7 +385,8 @@ def build_node(clock, *, request_expire=660.0, tombstone_ttl=60.0, cache_engine_
     # An engine that left the load table took its KV cache with it.
     state.engine_removed_callbacks.append(cache.engine_removed)
     metrics.registry.register(CacheCollector(cache))
+    cooperate = cooperate if cooperate is not None else task.cooperate
     return Node(state, cache, metrics, clock, readiness=readiness if readiness is not None else Readiness(),
-                cooperate=cooperate if cooperate is not None else task.cooperate, peer_status=peer_status,
-                listeners=listeners, advertise=advertise, limits=count_limits, replication=replication,
-                log_position=log_position)
+                cooperate=cooperate, peer_status=peer_status, listeners=listeners, advertise=advertise,
+                limits=count_limits, replication=replication, log_position=log_position,
+                lease_timer=LeaseTimer(state, metrics, cooperate), rng=rng)

@@ -10,6 +10,8 @@ from metacenter.runtime.turns import run
 
 log = logger("metacenter.runtime.sweeper")
 
+LEASE_INTERVAL = 1.0  # seconds between lease checks: a lease's TTL is at least 1 s
+
 
 class Sweeper:
     """``sweep()`` is the callback of a ``periodic.Periodic``: one expiry
@@ -68,3 +70,46 @@ class Sweeper:
             log.info("expiry sweep removed {requests} requests, {tombstones} tombstones, {engines} engines "
                      "in {seconds:.3f}s", requests=removed["request"], tombstones=removed["tombstone"],
                      engines=removed["engine"], seconds=elapsed)
+
+
+class LeaseTimer:
+    """Ends the gateways' leases that went their TTL without a keepalive and
+    releases their requests (``LoadState.lease_steps``), one bounded step
+    per reactor turn through ``cooperate`` (``Node.cooperate``). ``run()`` is
+    the callback of a ``periodic.Periodic`` every ``LEASE_INTERVAL``, and a
+    revoke that left requests behind calls it too. The expiry sweep (every
+    ``--gc-interval``) is far too slow for a 10 s lease."""
+
+    def __init__(self, state, metrics, cooperate, chunk=None):
+        self._state = state
+        self._metrics = metrics
+        self._cooperate = cooperate
+        self._chunk = chunk
+        self.running = None
+
+    def run(self):
+        """Starts a pass; returns its Deferred (the running one if a pass is
+        under way, None if it could not start). Never raises."""
+        if self.running is not None:
+            return self.running
+        try:
+            before = self._state.stats["expired_leases"]
+            steps = self._state.lease_steps() if self._chunk is None else self._state.lease_steps(self._chunk)
+            d = run(self._cooperate, steps)
+        except Exception:
+            log.failure("lease pass failed to start")
+            return None
+        d.addCallback(lambda _: self._done(before))
+        d.addErrback(lambda f: log.failure("lease pass failed", f))
+        d.addBoth(self._finished)
+        self.running = d
+        return d
+
+    def _finished(self, result):
+        self.running = None
+        return None
+
+    def _done(self, before):
+        expired = self._state.stats["expired_leases"] - before
+        if expired:
+            log.info("{count} gateway leases expired; their requests were released", count=expired)

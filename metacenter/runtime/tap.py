@@ -36,7 +36,7 @@ from metacenter.runtime import logs
 from metacenter.runtime.node import Readiness, build_node
 from metacenter.runtime.periodic import Periodic
 from metacenter.runtime.reactorlag import LagProbe
-from metacenter.runtime.sweeper import Sweeper
+from metacenter.runtime.sweeper import LEASE_INTERVAL, Sweeper
 from metacenter.runtime.turns import chunk_per_turn
 
 
@@ -278,6 +278,7 @@ def makeService(options, reactor=None):
                       cache_max_blocks=cfg.cache_max_blocks, advertise=advertise,
                       registry=registry, readiness=readiness, cooperate=chunk_per_turn(reactor).cooperate,
                       peer_status=replicator.peer_status, listeners=[replicator.event_accepted],
+                      lease_ttl=cfg.lease_ttl,
                       count_limits=CountLimits(max_clusters=cfg.max_clusters,
                                                max_engines_per_cluster=cfg.max_engines_per_cluster,
                                                max_engines=cfg.max_engines, max_requests=cfg.max_requests),
@@ -301,6 +302,10 @@ def makeService(options, reactor=None):
 
     sweeper = Sweeper(node.state, node.metrics, node.cooperate, cache=node.cache)
     Periodic(cfg.gc_interval, sweeper.sweep, what="expiry sweep", clock=reactor,
+             log=logs.logger("metacenter.runtime.sweeper")).setServiceParent(top)
+
+    # Gateway leases end on each node from the replicated keepalives.
+    Periodic(LEASE_INTERVAL, node.lease_timer.run, what="lease expiry", clock=reactor,
              log=logs.logger("metacenter.runtime.sweeper")).setServiceParent(top)
 
     _add_cluster_services(top, cfg, node, replicator, client, reactor, verdicts, streams)

@@ -52,7 +52,8 @@ def test_gateway_request_lifecycle(node):
     r, b = yield node.call_json("GET", "/v1/load/stats?cluster=llama")
     assert_ok(r, b)
     assert b["data"] == [{"ip": "10.0.0.1", "queued_req_num": 1, "prompt_length": 1200,
-                          "updated_time": 1_700_000_000 * 10**9}]
+                          "updated_time": 1_700_000_000 * 10**9, "prefill_req_num": 1, "prefill_tokens": 0,
+                          "queued_tokens": 0}]
     # The gateway's prompt delete: its whole struct, no Content-Type.
     r, b = yield node.call_json("DELETE", "/v1/load/prompt", {"request_id": "r1", "cluster": "", "ip": ""})
     assert_ok(r, b)
@@ -103,11 +104,14 @@ def test_get_body_cache_follows_every_change(node):
 
 
 @pytest_twisted.inlineCallbacks
-def test_ipv6_engines_are_accepted_in_canonical_form(node):
+def test_ipv6_engines_are_one_engine_shown_as_first_spelled(node):
+    # Issue 10: the Go gateway finds engines by the exact string it sent.
     r, b = yield node.call_json("POST", "/v1/load/stats", add_body(ip="2001:DB8:0:0::1"))
     assert_ok(r, b)
+    r, b = yield node.call_json("POST", "/v1/load/stats", add_body("r2", ip="2001:db8::1"))
+    assert_ok(r, b)
     _, b = yield node.call_json("GET", "/v1/load/stats?cluster=llama")
-    assert b["data"][0]["ip"] == "2001:db8::1"
+    assert [(e["ip"], e["queued_req_num"]) for e in b["data"]] == [("2001:DB8:0:0::1", 2)]
 
 
 @pytest_twisted.inlineCallbacks

@@ -20,7 +20,7 @@ def reason_of(parse, body):
 def test_parse_cache_save():
     body = {"cluster": "m", "prompt_hash": [0, 2**63, HASH_MAX], "ip": "10.0.0.1", "other": 1}
     assert parse_cache_save(body) == ("m", [0, 2**63, HASH_MAX], "10.0.0.1")
-    assert parse_cache_save({**body, "ip": "::FFFF:10.0.0.1"})[2] == "::ffff:a00:1"
+    assert parse_cache_save({**body, "ip": "::FFFF:10.0.0.1"})[2] == "::FFFF:10.0.0.1"  # as spelled (issue 10)
 
 
 def test_parse_cache_query():
@@ -33,7 +33,8 @@ def test_parse_cache_query():
 def test_parse_route_score():
     body = {"cluster": "m", "prompt_hash": [1]}
     assert parse_route_score(body) == ("m", [1], None)
-    assert parse_route_score({**body, "ips": ["10.0.0.2", "::0:1"]}) == ("m", [1], ["10.0.0.2", "::1"])
+    # As spelled (issue 10): the rows they are matched with carry the engines' first spellings.
+    assert parse_route_score({**body, "ips": ["10.0.0.2", "::0:1"]}) == ("m", [1], ["10.0.0.2", "::0:1"])
 
 
 @pytest.mark.parametrize("item, shown", [

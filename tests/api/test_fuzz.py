@@ -74,6 +74,11 @@ ITEMS_REJECTED = {
 # load.stats.set needs a LoadAdd body, the delete types a LoadDelete, and the
 # document can only say "either" (the choice depends on a header).
 POSITIVE_NOT_EXACT = {("POST", "/v1/replica/event")}
+# Valid inputs whose answer also depends on the state (issue 10): a
+# conditional add whose engine changed is a 409 (with the row); a pick with
+# no candidate a 404, of a request that already finished a 409. Any other
+# answer to a valid input is still a failure.
+STATE_DEPENDENT = {("POST", "/v1/load/stats"): {409}, ("POST", "/v1/route/pick"): {404, 409}}
 
 ERROR_STATUS = {e["code"]: e["status"] for e in DOCUMENT["x-error-codes"]}
 
@@ -164,8 +169,10 @@ def check_ndjson(method, path, response):
     assert isinstance(end, dict) and end.get("end") is True, f"{what}: end {end!r}"
     tags = [entry[0] for entry in entries]
     counts = {"requests": tags.count("r"), "tombstones": tags.count("t"), "cache_engines": tags.count("c")}
-    assert len(tags) == sum(counts.values()), f"{what}: a dict line between header and end"
+    leases = tags.count("l")  # gateway leases (issue 10): counted in the end line when there are some
+    assert len(tags) == sum(counts.values()) + leases, f"{what}: a dict line between header and end"
     assert {k: end[k] for k in counts} == counts, f"{what}: end {end!r}, sent {counts}"
+    assert end.get("leases", 0) == leases, f"{what}: end {end!r}, sent {leases} leases"
     if path == "/v1/replica/records":
         assert counts["tombstones"] == counts["cache_engines"] == 0, f"{what}: {counts}"
     return lines
@@ -198,7 +205,10 @@ def check_envelope(method, path, response, sent_trace_id=None):
     if 200 <= response.status_code < 300:
         assert body["status"] == "OK" and body["error"] is None, f"{what}: {body!r}"
     else:
-        assert body["status"] == "ERROR" and body["data"] is None, f"{what}: {body!r}"
+        assert body["status"] == "ERROR", f"{what}: {body!r}"
+        # Only a 409 carries data: the engine's current row (issue 10).
+        assert body["data"] is None or (response.status_code == 409 and isinstance(body["data"], dict)), \
+            f"{what}: {body!r}"
         error = body["error"]
         assert isinstance(error, dict) and set(error) == {"code", "message", "reason"}, f"{what}: {body!r}"
         assert ERROR_STATUS.get(error["code"]) == response.status_code, f"{what}: code {error['code']}"
@@ -255,7 +265,7 @@ def test_generated_requests(node, schema, session, method, path, mode):
         statuses.append(response.status_code)
         case.validate_response(response, checks=checks)
         body = check_envelope(method, path, response)
-        if must_accept:
+        if must_accept and response.status_code not in STATE_DEPENDENT.get((method, path), ()):
             assert 200 <= response.status_code < 300, (
                 f"valid request rejected: {case.as_curl_command(base_url=node.url)}\n-> {response.content!r}")
         if items_rejected is not None and response.status_code == 200:
@@ -356,6 +366,11 @@ def test_documented_request_examples_are_accepted(node, schema, session, method,
     answer conforms to the document."""
     _skip_if_not_served(node, method, path)
     body, headers = _request_example(method, path)
+    if (method, path) == ("POST", "/v1/route/pick"):
+        # The example's request may have been booked and released by the
+        # generated requests before (a reset of its engine): a pick of it
+        # is then rightly a 409. A new id shows the example as documented.
+        body = {**body, "request_id": str(uuid.uuid4())}
     case = schema[path][method].Case(body=body, headers=headers)
     response = case.call(base_url=node.url, session=session, timeout=10)
     case.validate_response(response, checks=SCHEMA_CHECKS)

@@ -69,4 +69,5 @@ def test_a_cluster_that_goes_and_comes_back_is_never_served_stale():
     assert "m" not in state.clusters and len(cache) == 0
     state.add("m", "r2", "10.0.0.1", 9)
     assert read(state, cache, "m") == [{"ip": "10.0.0.1", "queued_req_num": 1, "prompt_length": 9,
-                                        "updated_time": (1_700_000_000 + 61) * 10**9}]
+                                        "updated_time": (1_700_000_000 + 61) * 10**9, "prefill_req_num": 1,
+                                        "prefill_tokens": 0, "queued_tokens": 0}]

@@ -18,8 +18,10 @@ from twisted.test.iosim import ConnectionCompleter
 
 from metacenter.api import bodies
 from metacenter.core.errors import InvalidInput
-from metacenter.core.events import (EVENT_ADD, EVENT_CACHE_SAVE, EVENT_DELETE, EVENT_PROMPT_DELETE, ORIGIN_PEER,
-                                    CacheSave, LoadAdd, LoadDelete)
+from metacenter.core.events import (EVENT_ADD, EVENT_CACHE_SAVE, EVENT_DELETE, EVENT_ENGINE_RESET,
+                                    EVENT_LEASE_KEEPALIVE, EVENT_LEASE_REVOKE, EVENT_PROMPT_DELETE, EVENT_REFRESH,
+                                    ORIGIN_PEER, CacheSave, EngineReset, LeaseKeepalive, LeaseRevoke, LoadAdd,
+                                    LoadDelete, Refresh)
 from metacenter.core.replog import ReplicationLog, encode_event
 from metacenter.cluster import stream
 from metacenter.cluster.stream import ReceiverFactory, StreamReplicator, decode_entries
@@ -51,9 +53,44 @@ def test_valid_entries_decode_to_the_events_the_client_parsers_make():
     assert all(type(e) is type(d) for (_, e), (_, d) in zip(events, decoded))
 
 
-def test_addresses_are_made_canonical_like_a_clients():
+def test_addresses_are_validated_and_kept_as_spelled_like_a_clients():
+    # Issue 10: the core keys engines by the canonical address and answers
+    # with the first spelling, so every path passes the spelling through.
     decoded, _, _ = decode_entries(frame_of(b'["load.stats.set","c","r","fd00:0::0001",1,null]'), 1)
-    assert decoded == [(EVENT_ADD, LoadAdd(("c", "r", "fd00::1", 1, None)))]
+    assert decoded == [(EVENT_ADD, LoadAdd(("c", "r", "fd00:0::0001", 1, None)))]
+
+
+def test_the_new_event_types_decode_like_client_requests():
+    events = [(EVENT_ADD, LoadAdd(("c", "r", "10.0.0.1", 1, TS, 7, "gw-1"))),
+              (EVENT_ENGINE_RESET, EngineReset(("c", "2001:DB8::1"))),
+              (EVENT_LEASE_KEEPALIVE, LeaseKeepalive(("gw-1", 5000))),
+              (EVENT_LEASE_REVOKE, LeaseRevoke(("gw-1",))),
+              (EVENT_REFRESH, Refresh((("r1", "r2"),)))]
+    decoded, rejected, first = decode_entries(frame_of(*(encode_event(*e) for e in events)), len(events))
+    assert (rejected, first) == (0, None)
+    assert [(t, tuple(e)) for t, e in decoded] == [
+        (EVENT_ADD, ("c", "r", "10.0.0.1", 1, TS, 7, "gw-1")), (EVENT_ENGINE_RESET, ("c", "2001:DB8::1")),
+        (EVENT_LEASE_KEEPALIVE, ("gw-1", 5000)), (EVENT_LEASE_REVOKE, ("gw-1",)),
+        (EVENT_REFRESH, (("r1", "r2"),))]
+
+
+@pytest.mark.parametrize("entry, reason", [
+    (b'["load.engine.reset","c","10.0.0.300"]', "field 'ip' must be an IPv4 or IPv6 address"),
+    (b'["load.engine.reset","c"]', "event 'load.engine.reset' must have 2 fields"),
+    (b'["load.lease.keepalive","gw",999]', "field 'ttl_ms' must be an integer in [1000, 300000], got 999"),
+    (b'["load.lease.keepalive","",1000]', "field 'lease' must be a string of 1 to 128 characters"),
+    (b'["load.lease.revoke",true]', "field 'lease' must be a string of 1 to 128 characters, got boolean"),
+    (b'["load.refresh",["r",""]]', "field 'request_ids' item 1 must be a non-empty string"),
+    (b'["load.refresh","r"]', "field 'request_ids' must be an array of strings, got string"),
+    (b'["load.stats.set","c","r","10.0.0.1",1,null,-1,null]',
+     "field 'prompt_tokens' must be an integer in [0, 2147483647], got -1"),
+    (b'["load.stats.set","c","r","10.0.0.1",1,null,0,5]', "field 'lease' must be a string"),
+])
+def test_a_bad_new_event_is_refused_with_the_clients_reason(entry, reason):
+    good = encode_event(*add(1))
+    decoded, rejected, first = decode_entries(frame_of(good, entry, good), 3)
+    assert rejected == 1 and len(decoded) == 2
+    assert first.startswith("event 1: " + reason), first
 
 
 @pytest.mark.parametrize("entry, reason", [
@@ -68,7 +105,7 @@ def test_addresses_are_made_canonical_like_a_clients():
     (b'["load.stats.delete",7,null]', "field 'request_id' must be a string, got number"),
     (b'["cache.save","c",[1,-2],"10.0.0.1"]', "field 'prompt_hash' item 1 must be an unsigned 64-bit integer, got -2"),
     (b'["cache.save","c",[],"10.0.0.1"]', "field 'prompt_hash' must not be empty"),
-    (b'["load.stats.set","c","r","10.0.0.1",1]', "event 'load.stats.set' must have 5 fields"),
+    (b'["load.stats.set","c","r","10.0.0.1",1]', "event 'load.stats.set' must have 5 to 7 fields"),
     (b'["engine.reset","c"]', "Unsupported event type 'engine.reset'"),
     (b'{"type":"load.stats.delete"}', "an event must be an array"),
     (b'[]', "an event must be an array"),

@@ -184,9 +184,11 @@ def test_cluster_load_has_the_wire_shape_and_nanosecond_times():
     load = sorted(state.cluster_load("llama"), key=lambda e: e["ip"])
     assert load == [
         {"ip": "10.0.0.1", "queued_req_num": 1, "prompt_length": 0,
-         "updated_time": int((T0 + 3.75) * 1e9)},
+         "updated_time": int((T0 + 3.75) * 1e9),
+         "prefill_req_num": 0, "prefill_tokens": 0, "queued_tokens": 0},
         {"ip": "10.0.0.2", "queued_req_num": 1, "prompt_length": 20,
-         "updated_time": int((T0 + 1.5) * 1e9)},
+         "updated_time": int((T0 + 1.5) * 1e9),
+         "prefill_req_num": 1, "prefill_tokens": 0, "queued_tokens": 0},
     ]
     assert all(type(v) is int for e in load for k, v in e.items() if k != "ip")
     assert state.cluster_load("unknown") == []
