@@ -823,8 +823,12 @@ class StreamOrHttp(Service):
 
     def event_accepted(self, event_type, event, trace_id):
         """A node event listener: one append to the log (every streaming
-        peer's), and the HTTP peers' queues."""
-        self.stream.log.append(event_type, event)
+        peer's), and the HTTP peers' queues. A node that knows no peer keeps
+        no log (a lone node would hold up to the log's capacity for nobody);
+        a peer that comes later starts at the log's end, and a node that took
+        a snapshot of it before it was known is repaired (anti-entropy)."""
+        if self.modes:
+            self.stream.log.append(event_type, event)
         fed = self._fed
         if fed:
             item = (event_type, event, trace_id, self.clock.seconds())
