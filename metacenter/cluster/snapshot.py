@@ -94,20 +94,27 @@ def state_chunks(node, clusters=None, tombstones=True, cache=True, keep=None):
     # prompt tombstone) or to a delete tombstone (which needs no snapshot:
     # its request is gone everywhere). The other order would lose a prompt
     # tombstone turned into a request after the requests were walked, with
-    # nothing in the log after the header's offset to bring it back. (So the
-    # requests of a reset engine not yet touched travel as neither: the
-    # receiver does not count them, but a late add of one there would.)
+    # nothing in the log after the header's offset to bring it back. The
+    # requests of a reset engine not yet touched turn into released
+    # tombstones during the request walk: they follow as tombstone lines.
     if tombstones:
         for looked in in_chunks(state.iter_tombstones(full=full), CHUNK):
             counts["tombstones"] += len(looked)
             yield _lines(["t", request_id, kind, created_s] for request_id, kind, created_s in looked)
-    for looked in in_chunks(state.iter_requests(full=full), CHUNK):
+    released = [] if tombstones else None
+    for looked in in_chunks(state.iter_requests(full=full, released=released), CHUNK):
         if clusters is not None:
             looked = [r for r in looked if r[1] in clusters]
         if keep is not None:
             looked = [r for r in looked if keep(r)]
         counts["requests"] += len(looked)
-        yield _lines(record_entry(r) for r in looked)
+        lines = _lines(record_entry(r) for r in looked)
+        if released:
+            counts["tombstones"] += len(released)
+            kind = TOMB_RELEASED if full else TOMB_DELETED
+            lines += _lines(["t", request_id, kind, created_s] for request_id, _, created_s in released)
+            released.clear()
+        yield lines
     if cache and clusters is None:
         for looked in in_chunks(node.cache.iter_snapshot(), max(1, CHUNK // 100)):
             counts["cache_engines"] += len(looked)

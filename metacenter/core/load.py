@@ -894,14 +894,16 @@ class LoadState:
         # A request whose lease ended is about to be released: it names none.
         return lease.name if lease is not None and lease.alive else None
 
-    def iter_requests(self, full: bool = False) -> Iterator[tuple]:
+    def iter_requests(self, full: bool = False, released: list | None = None) -> Iterator[tuple]:
         """Yield (request_id, cluster, ip, prompt_length, prompt_deleted, created_s)
         for every live request; with ``full``, also (prompt_tokens, lease or
         None) at the end. The ids are copied first, so the state may change
         between items (callers chunk it over reactor turns); one deleted
         meanwhile is skipped. A request of a reset engine met on the way
         turns into its released tombstone here (so a snapshot read after it
-        carries it as a tombstone, never as a live request)."""
+        carries it as a tombstone, never as a live request); ``released``, a
+        list, also gets its ``(request_id, TOMB_RELEASED, now_s)`` then, for a
+        walk that already passed the tombstones."""
         engines = self._engines
         requests = self._requests
         for request_id in list(requests):
@@ -911,7 +913,10 @@ class LoadState:
             engine = engines.get(_engine_id(packed))
             if engine is None:
                 requests.pop(request_id)
-                self._finish(request_id, packed, self._now(), TOMB_RELEASED, False)
+                now = self._now()
+                self._finish(request_id, packed, now, TOMB_RELEASED, False)
+                if released is not None:
+                    released.append((request_id, TOMB_RELEASED, int(now)))
                 continue
             record = (request_id, engine.cluster, engine.ip, _prompt(packed), _prompt_deleted(packed),
                       _created(packed))

@@ -175,3 +175,22 @@ def test_the_status_shows_the_stream_only_with_a_listener():
     info = {"port": 7070, "log": "a" * 32}
     assert build_node(clock, registry=CollectorRegistry(), replication=lambda: info).status()["stream"] == info
     assert "stream" not in build_node(clock, registry=CollectorRegistry(), replication=lambda: None).status()
+
+
+def test_a_reset_engines_untouched_requests_travel_as_released_and_a_late_add_changes_nothing():
+    clock = clocked()
+    source = build_node(clock, registry=CollectorRegistry())
+    for i in range(50):
+        source.apply(EVENT_ADD, LoadAdd(("m", f"r{i}", "10.0.0.1", 100, NOW_NS)), None, ORIGIN_PEER)
+    source.apply(EVENT_ADD, LoadAdd(("m", "other", "10.0.0.2", 100, NOW_NS)), None, ORIGIN_PEER)
+    assert source.state.reset_engine("m", "10.0.0.1") == 50  # O(1): the requests stay untouched
+    newcomer = build_node(clock, registry=CollectorRegistry())
+    merger = SnapshotMerger(newcomer)
+    for chunk in state_chunks(source):
+        for line in chunk.splitlines():
+            merger.line(line)
+    assert merger.complete and merger.invalid == 0
+    # A late (replicated) add of a released request changes nothing on the newcomer either.
+    assert not newcomer.apply(EVENT_ADD, LoadAdd(("m", "r7", "10.0.0.1", 100, NOW_NS)), None, ORIGIN_PEER)
+    assert newcomer.state.request_state("r7") == "deleted"
+    assert [e.queued for e in newcomer.state.clusters["m"].engines.values()] == [1]
