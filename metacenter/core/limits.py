@@ -87,7 +87,7 @@ class CountLimits:
             clusters = len(state.clusters)
             if clusters >= self.max_clusters:
                 return LimitReached("clusters", self.max_clusters, f"this node holds {clusters} clusters")
-        elif ip in known.engines:
+        elif state.engine(cluster, ip) is not None:  # by address, whatever the spelling
             return None
         elif len(known.engines) >= self.max_engines_per_cluster:
             return LimitReached("engines_per_cluster", self.max_engines_per_cluster,

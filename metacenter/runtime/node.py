@@ -214,8 +214,10 @@ class Node:
         arguments (``bodies.route_pick``). Returns ``{"ip", "score",
         "cache_length", "queued_req_num"}``; a booking is an add, replicated
         as one (stamped now). ``NotFound``, ``Conflict``, ``InvalidInput``
-        as ``pick``'s. (The count limits are checked on the add path only:
-        a pick's engine is known only once chosen.)"""
+        as ``pick``'s; ``LimitReached`` (429) when the booking could take the
+        node over a count limit (checked before choosing: with an unknown
+        candidate among ``ips``, as if that one were chosen)."""
+        self._pick_within_limits(request)
         now_ns = int(self.clock.seconds() * 1e9)
         answer = picking.pick(self.state, self.cache, rng=self.rng, timestamp_ns=now_ns, **request)
         booked = answer.pop("booked")
@@ -227,6 +229,20 @@ class Node:
             for listener in self.event_listeners:
                 listener(EVENT_ADD, event, trace_id)
         return answer
+
+    def _pick_within_limits(self, request):
+        state, name = self.state, request["cluster"]
+        ips = request.get("ips")
+        if not ips:  # the cluster's known engines are the candidates: any one stands for them
+            cluster = state.clusters.get(name)
+            if cluster is None or not cluster.engines:
+                return  # nothing to book on: pick answers 404
+            ips = [next(iter(cluster.engines.values())).ip]
+        unknown = [ip for ip in ips if state.engine(name, ip) is None]
+        # The engine the check assumes: an unknown candidate if there is one
+        # (the booking may create it), else a known one (it creates none).
+        ip = unknown[0] if unknown else ips[0]
+        self._within_limits(LoadAdd((request["cluster"], request["request_id"], ip, 0, None)), ORIGIN_CLIENT)
 
     def _within_limits(self, event, origin):
         """Refuse a client's add over a count limit (``LimitReached``, before

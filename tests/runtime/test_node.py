@@ -1,6 +1,7 @@
 """The node is built in one call with every collaborator; nothing is filled
 in afterwards."""
 
+import pytest
 from prometheus_client import CollectorRegistry
 from twisted.internet import task
 
@@ -45,3 +46,26 @@ def test_readiness_is_read_through_the_node():
 
 def test_without_a_cluster_a_node_has_no_peers():
     assert build_node(task.Clock()).status()["peers"] == []
+
+
+def _pick_request(request_id, ips=None):
+    return {"cluster": "m", "request_id": request_id, "prompt_length": 10, "prompt_tokens": 0,
+            "prompt_hash": None, "ips": ips, "lease": None}
+
+
+def test_a_pick_keeps_the_count_limits_of_an_add():
+    from metacenter.core.limits import CountLimits, LimitReached
+
+    node = build_node(task.Clock(), registry=CollectorRegistry(),
+                      count_limits=CountLimits(max_engines_per_cluster=1, max_requests=3))
+    node.apply(EVENT_ADD, LoadAdd(("m", "r0", "10.0.0.1", 0, None)), None, ORIGIN_CLIENT)
+    # A candidate the cluster does not know would be a second engine: refused, nothing booked.
+    with pytest.raises(LimitReached) as refused:
+        node.pick(_pick_request("r1", ["10.0.0.1", "10.0.0.2"]))
+    assert refused.value.limit == "engines_per_cluster" and node.state.request_count == 1
+    # Among known engines (any spelling of one) or without ips it books.
+    assert node.pick(_pick_request("r1", ["10.0.0.1"]))["ip"] == "10.0.0.1"
+    assert node.pick(_pick_request("r2"))["ip"] == "10.0.0.1"
+    with pytest.raises(LimitReached) as refused:  # a third request would pass --max-requests
+        node.pick(_pick_request("r3"))
+    assert refused.value.limit == "requests" and node.state.request_count == 3
