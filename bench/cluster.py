@@ -40,7 +40,6 @@ them (cache, frequency, steal), so compare figures from the same run.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -437,18 +436,7 @@ def summary(r):
 
 def run(quick=True, seconds=None, cores=None, log=print):
     """For ``python -m bench``: in a child process (a reactor runs once)."""
-    cmd = [sys.executable, "-m", "bench.cluster", "--json"] + (["--quick"] if quick else [])
-    if cores is not None and not cores.pinned:
-        cmd.append("--no-pin")
-    if seconds:
-        cmd += ["--seconds", str(seconds)]
-    env = dict(os.environ, PYTHONPATH=servers.REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=servers.REPO, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"bench.cluster exited with {proc.returncode}: {proc.stderr[-3000:]}")
-    for line in proc.stderr.splitlines():
-        log(line)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return servers.run_child("bench.cluster", quick, seconds, cores, log, timeout=1800)
 
 
 def main(argv=None):

@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -363,18 +362,7 @@ def batch_count(metrics_text, peer):
 
 def run(quick=True, seconds=None, cores=None, log=print):
     """For ``python -m bench``: in a child process (a reactor runs once)."""
-    cmd = [sys.executable, "-m", "bench.replication", "--json"] + (["--quick"] if quick else [])
-    if cores is not None and not cores.pinned:
-        cmd.append("--no-pin")
-    if seconds:
-        cmd += ["--seconds", str(seconds)]
-    env = dict(os.environ, PYTHONPATH=servers.REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=servers.REPO, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"bench.replication exited with {proc.returncode}: {proc.stderr[-3000:]}")
-    for line in proc.stderr.splitlines():
-        log(line)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return servers.run_child("bench.replication", quick, seconds, cores, log, timeout=900)
 
 
 def main(argv=None):

@@ -249,3 +249,22 @@ class Ceiling(Server):
 
     def command(self):
         return [sys.executable, "-m", "bench.ceiling", "--host", self.host, "--port", str(self.port)]
+
+
+def run_child(module, quick, seconds, cores, log, timeout):
+    """Runs ``python -m MODULE --json`` (a bench section whose reactor must
+    run in a process of its own), relays its stderr lines to ``log`` and
+    returns the JSON object it prints last. ``cores``: the harness's pinning
+    (its child is not pinned when the harness is not)."""
+    cmd = [sys.executable, "-m", module, "--json"] + (["--quick"] if quick else [])
+    if cores is not None and not cores.pinned:
+        cmd.append("--no-pin")
+    if seconds:
+        cmd += ["--seconds", str(seconds)]
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{module} exited with {proc.returncode}: {proc.stderr[-3000:]}")
+    for line in proc.stderr.splitlines():
+        log(line)
+    return json.loads(proc.stdout.strip().splitlines()[-1])

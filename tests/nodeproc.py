@@ -35,6 +35,16 @@ def port_is_free(host, port):
         return True
 
 
+def shared_port(hosts):
+    """A port free on every one of ``hosts`` (loopback addresses), so nodes
+    on them can share one port, as a Kubernetes Service's pods do."""
+    for _ in range(50):
+        port = free_port(hosts[0])
+        if all(port_is_free(host, port) for host in hosts):
+            return port
+    raise RuntimeError("no port free on every loopback address")
+
+
 class NodeProcess:
     """One node: ``NodeProcess(host, port, *extra_args).start()``; ``.url``;
     ``.stop()`` sends SIGTERM and waits."""

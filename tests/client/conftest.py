@@ -5,7 +5,8 @@ peers), shared by every test of tests/client/."""
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nodeproc import NodeProcess, free_port, port_is_free
+import nodeproc
+from nodeproc import NodeProcess
 
 HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
 
@@ -15,11 +16,7 @@ TIMEOUT = 5.0
 
 
 def shared_port():
-    for _ in range(50):
-        port = free_port(HOSTS[0])
-        if all(port_is_free(host, port) for host in HOSTS):
-            return port
-    raise RuntimeError("no port free on every loopback address")
+    return nodeproc.shared_port(HOSTS)
 
 
 class ThreeNodes:

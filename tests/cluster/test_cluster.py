@@ -33,7 +33,8 @@ from dns_server import DnsServer
 from metacenter.cluster import auth
 from metacenter.core.hashing import prompt_hashes
 from metacenter.bodyproducer import BytesProducer
-from nodeproc import NodeProcess, free_port, port_is_free
+import nodeproc
+from nodeproc import NodeProcess
 from reference_node import ReferenceNode
 
 HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
@@ -45,11 +46,7 @@ CONVERGENCE_DEADLINE = 30.0
 
 
 def shared_port():
-    for _ in range(50):
-        port = free_port(HOSTS[0])
-        if all(port_is_free(host, port) for host in HOSTS):
-            return port
-    raise RuntimeError("no port free on every loopback address")
+    return nodeproc.shared_port(HOSTS)
 
 
 # -- the expected state ------------------------------------------------------------
