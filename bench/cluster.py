@@ -350,9 +350,10 @@ def measure(quick, seconds, log, pin=True, sizes=(1, 3, 5)):
         runs = {}
         for n in sizes:
             runs[n] = await paced(n)
-        results["paced"] = [runs[n] for n in sizes]
-        one = runs[sizes[0]]["cpu_us_per_mutation"]
-        results["ratios"] = {f"{n}_vs_1": round(runs[n]["cpu_us_per_mutation"] / one, 2) for n in sizes[1:]}
+        if sizes:
+            results["paced"] = [runs[n] for n in sizes]
+            one = runs[sizes[0]]["cpu_us_per_mutation"]
+            results["ratios"] = {f"{n}_vs_1": round(runs[n]["cpu_us_per_mutation"] / one, 2) for n in sizes[1:]}
         results["saturation"] = await saturation(3)
         return results
 
@@ -373,6 +374,9 @@ def measure(quick, seconds, log, pin=True, sizes=(1, 3, 5)):
             node.stop()
     if "error" in outcome:
         raise RuntimeError(outcome["error"])
+    if not sizes:  # --only-saturation
+        outcome["summary"] = saturation_summary(outcome["saturation"])
+        return outcome
     outcome["in_process"] = micro(log)
     outcome["model"] = model(outcome["paced"], outcome["in_process"])
     outcome["summary"] = summary(outcome)
@@ -418,9 +422,7 @@ def summary(r):
     parts = [f"CPU per mutation: 1 node {paced[1]['cpu_us_per_mutation']:.0f} µs"]
     for n in sorted(paced)[1:]:
         parts.append(f"{n} nodes {r['ratios'][f'{n}_vs_1']:.2f}x (lag p99 {paced[n]['lag_p99_ms']:.1f} ms)")
-    s = r["saturation"]
-    parts.append(f"saturation 3 nodes {s['mutations_per_s']:,.0f} mutations/s "
-                 f"({'exact' if s['every_node_exact'] else 'NOT exact'})")
+    parts.append(saturation_summary(r["saturation"]))
     m = r["in_process"]
     parts.append(f"receiver {m['receiver_us_per_event_frames_of_16']:.1f} µs/event (frames of 16), sender "
                  f"{m['sender_us_per_event_4_peers_frames_of_16']:.1f} µs/event for 4 peers")
@@ -432,6 +434,11 @@ def summary(r):
                                  + f" and {p['saturation_shared_core_per_s']:,} mutations/s on one core"
                                  for p in fit["predictions"]))
     return "; ".join(parts)
+
+
+def saturation_summary(s):
+    return (f"saturation 3 nodes {s['mutations_per_s']:,.0f} mutations/s "
+            f"({'exact' if s['every_node_exact'] else 'NOT exact'})")
 
 
 def run(quick=True, seconds=None, cores=None, log=print):
@@ -446,9 +453,10 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
     parser.add_argument("--no-pin", action="store_true", help="do not pin the nodes and this process to cores")
     parser.add_argument("--sizes", default="1,3,5", help="cluster sizes of the paced runs (first: the baseline)")
+    parser.add_argument("--only-saturation", action="store_true", help="only the 3-node saturation run")
     opts = parser.parse_args(argv)
     log = (lambda text: print(text, file=sys.stderr)) if opts.json else print
-    sizes = tuple(int(s) for s in opts.sizes.split(","))
+    sizes = () if opts.only_saturation else tuple(int(s) for s in opts.sizes.split(","))
     results = measure(opts.quick, opts.seconds, log, pin=not opts.no_pin, sizes=sizes)
     if opts.json:
         print(json.dumps(results))
