@@ -21,8 +21,8 @@ places them (``WORKLOAD_CLUSTERS``).
    the ``metacenter_stream_ack_lag_seconds`` histograms of every node (per
    acknowledgement, the age of the oldest entry it acknowledged), p50/p99.
 2. Saturation (3 nodes): as fast as the nodes answer, driven by
-   ``bench.http_load.run_sequences`` (plain sockets and epoll, about 25 µs
-   of its core per mutation against the nodes' ~200, so it is not the
+   ``bench.http_load.run_sequences`` (plain sockets and epoll: 23–42 µs of
+   its core per mutation where the nodes take 220–410, so it is not the
    limit; the run reports both cores' use). Each gateway request's add,
    prompt delete and delete go to the node ``metacenter.client`` chooses
    for its cluster (``AsyncClient.node_for``), each step only once the one
