@@ -282,3 +282,122 @@ def run_paced(host, port, sequences, rate, duration, step_gap, connections=64, d
     r["send_lag_us"] = {k: v * 1e6 for k, v in percentiles(lag).items()}
     r["service_latency_us"] = {k: v * 1e6 for k, v in percentiles(service).items()}
     return r
+
+
+def _body(buf, end):
+    """The body of the complete response at the start of ``buf`` (ending at
+    ``end``, from ``_response_end``), chunked encoding removed."""
+    head_end = buf.find(b"\r\n\r\n")
+    body = bytes(buf[head_end + 4:end])
+    if b"\r\ntransfer-encoding: chunked" not in bytes(buf[:head_end]).lower():
+        return body
+    out, pos = [], 0
+    while True:
+        line_end = body.find(b"\r\n", pos)
+        size = int(body[pos:line_end].split(b";")[0], 16)
+        if size == 0:
+            return b"".join(out)
+        out.append(body[line_end + 2:line_end + 2 + size])
+        pos = line_end + 2 + size + 2
+
+
+def run_sequences(targets, check, drain_timeout=10.0):
+    """Closed loop over causal sequences, for several servers at once.
+
+    ``targets``: [(host, port, connections, sequences)], where ``sequences``
+    is a list of sequences and a sequence a list of request bytes (the steps
+    of one routed request, e.g. add, prompt delete, delete). Each of a
+    target's ``connections`` takes that target's next sequence, sends its
+    first step, and sends each next step only once the previous one was
+    answered (causal order, as a gateway does); then it takes the next
+    sequence, until the target's sequences are all done.
+
+    ``check(status, body)`` sees every answer (status int, body bytes) and
+    returns None when it is right, else a description: the first wrong
+    answer stops the run with a RuntimeError naming it.
+
+    Returns a ``Result``: requests, seconds, rate, statuses, latency_us,
+    client_cpu_s and client_cpu_util (this process's CPU over the run),
+    per_target (requests answered per target, in ``targets`` order).
+    """
+    ep = select.epoll()
+    conns = {}
+    socks = []
+    queues = []
+    try:
+        for index, (host, port, connections, sequences) in enumerate(targets):
+            queue = deque(sequences)
+            queues.append(queue)
+            for s in _connect(host, port, min(connections, max(1, len(queue)))):
+                socks.append(s)
+                # sock, buffer, target index, current sequence, next step, sent at
+                conns[s.fileno()] = [s, bytearray(), index, None, 0, 0.0]
+                ep.register(s.fileno(), select.EPOLLIN)
+        lat = array("d")
+        statuses = {}
+        answered = [0] * len(targets)
+        in_flight = 0
+        cpu0 = _cpu()
+        t0 = _perf()
+
+        def start_next(c):
+            """Send the first step of the target's next sequence, if any."""
+            nonlocal in_flight
+            queue = queues[c[2]]
+            if not queue:
+                c[3] = None
+                return
+            c[3] = queue.popleft()
+            c[4] = 1
+            c[5] = _perf()
+            c[0].sendall(c[3][0])
+            in_flight += 1
+
+        for c in conns.values():
+            start_next(c)
+        last_answer = _perf()
+        while in_flight:
+            ready = ep.poll(0.2)
+            now = _perf()
+            if not ready and now - last_answer > drain_timeout:
+                raise RuntimeError(f"{in_flight} requests unanswered for {drain_timeout}s")
+            for fd, _ in ready:
+                c = conns[fd]
+                data = c[0].recv(262144)
+                if not data:
+                    raise RuntimeError(f"server of target {c[2]} closed a connection")
+                buf = c[1]
+                buf += data
+                found = _response_end(buf)
+                if found is None:
+                    continue
+                end, status = found
+                problem = check(status, _body(buf, end))
+                if problem is not None:
+                    step = bytes(c[3][c[4] - 1].split(b"\r\n", 1)[0]).decode("latin-1")
+                    raise RuntimeError(f"target {c[2]}, {step}: {problem}")
+                del buf[:end]
+                done = last_answer = _perf()
+                lat.append(done - c[5])
+                statuses[status] = statuses.get(status, 0) + 1
+                answered[c[2]] += 1
+                in_flight -= 1
+                sequence = c[3]
+                if c[4] < len(sequence):
+                    c[5] = done
+                    c[0].sendall(sequence[c[4]])
+                    c[4] += 1
+                    in_flight += 1
+                else:
+                    start_next(c)
+        elapsed = _perf() - t0
+        cpu = _cpu() - cpu0
+    finally:
+        ep.close()
+        for s in socks:
+            s.close()
+    r = Result(requests=len(lat), seconds=elapsed, rate=len(lat) / elapsed if elapsed else 0.0,
+               statuses={str(k): v for k, v in sorted(statuses.items())}, client_cpu_s=cpu,
+               client_cpu_util=cpu / elapsed if elapsed else 0.0, connections=len(conns), per_target=answered)
+    r["latency_us"] = {k: v * 1e6 for k, v in percentiles(lat).items()}
+    return r

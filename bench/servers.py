@@ -4,6 +4,11 @@ from this source tree, and the bare ``twisted.web`` ceiling (bench.ceiling).
 Both are pinned to the server core when ``taskset`` exists and the machine
 has two cores or more; the harness and the load generators stay on the
 other. CPU time and RSS are read from /proc.
+
+The harness pins itself to the load generator's core, and a child process
+inherits that one-core affinity; so the cores a bench may use are passed to
+child processes in ``METACENTER_BENCH_CPUS`` (``Cores.pin_self`` sets it),
+not read from the child's own affinity.
 """
 
 import json
@@ -22,9 +27,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 TWISTD = os.path.join(BIN, "twistd")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+CPUS_ENV = "METACENTER_BENCH_CPUS"  # comma-separated core ids the bench may use
 
 
 # -- cores ---------------------------------------------------------------------
+
+
+def usable_cpus():
+    """The core ids the bench may use: those the harness was given
+    (``CPUS_ENV``, set by the harness before it pinned itself), else this
+    process's affinity."""
+    text = os.environ.get(CPUS_ENV, "")
+    try:
+        given = {int(part) for part in text.split(",") if part.strip()}
+    except ValueError:
+        given = set()
+    return sorted(given) if given else sorted(os.sched_getaffinity(0))
 
 
 class Cores:
@@ -32,7 +50,7 @@ class Cores:
 
     def __init__(self, pin=True, nice=0):
         self.nice = nice  # raise the servers' and load generator's priority by this much (root)
-        cpus = sorted(os.sched_getaffinity(0))
+        cpus = usable_cpus()
         self.taskset = shutil.which("taskset")
         self.pinned = bool(pin and self.taskset and len(cpus) >= 2)
         if self.pinned:
@@ -74,6 +92,11 @@ class Cores:
         return [self.taskset, "-c", str(self.client)] if self.pinned else []
 
     def pin_self(self):
+        """Moves this process to the load generator's core. Its children
+        inherit that affinity, so they learn the bench's cores from
+        ``CPUS_ENV`` instead (else a child bench would see one core and
+        not pin at all)."""
+        os.environ[CPUS_ENV] = ",".join(map(str, self.available))
         if self.pinned:
             os.sched_setaffinity(0, {self.client})
         self.prioritise()
