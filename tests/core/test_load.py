@@ -496,8 +496,12 @@ def test_snapshot_iterators_tolerate_changes_between_items():
     for request_id, _, _ in state.iter_tombstones():
         seen.append(request_id)
         state.delete_prompt(f"new-{request_id}")  # new tombstones while reading
-    assert sorted(seen) == sorted([f"d{i}" for i in range(40)] + [f"r{i}" for i in range(40)])
-    assert state.tombstone_count == 160
+    # Every tombstone there from the start, once; one added meanwhile may be
+    # met or not (the ids are copied a shard at a time).
+    assert len(seen) == len(set(seen))
+    old = [r for r in seen if not r.startswith("new-")]
+    assert sorted(old) == sorted([f"d{i}" for i in range(40)] + [f"r{i}" for i in range(40)])
+    assert state.tombstone_count == 80 + len(seen)
 
 
 # -- properties -------------------------------------------------------------------
