@@ -258,8 +258,10 @@ def measure_state(key, label, clusters, engines, requests, seconds, cores, log, 
         f"({result['scrape']['bytes']:,} bytes); node core {result['node_cpu_util']:.0%} busy")
     pl = result["peer_polls"]["reactor_lag"]
     log(f"  with a peer's digest + snapshot each second: worst lag <= "
-        f"{pl['worst_le_s'] * 1e3 if pl['worst_le_s'] else 0:g} ms, probe p99 "
-        f"{result['peer_polls']['probe'].get('p99_ms', 0):.2f} ms")
+        f"{pl['worst_le_s'] * 1e3 if pl['worst_le_s'] else 0:g} ms ({pl['ticks_above_5ms']} of {pl['ticks']} "
+        f"ticks above 5 ms, {pl['full_gc_collections']} full GC collections), probe p99 "
+        f"{result['peer_polls']['probe'].get('p99_ms', 0):.2f} ms, peer poll p50 "
+        f"{result['peer_polls']['poll'].get('p50_ms', 0):.0f} ms")
     return result
 
 

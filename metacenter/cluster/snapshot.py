@@ -24,6 +24,7 @@ An ip travels as the engine's first spelling (validated, never rewritten).
 """
 
 import json
+from json.encoder import encode_basestring
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IPushProducer
@@ -36,10 +37,15 @@ from metacenter.core.load import TOMB_DELETED, TOMB_PROMPT, TOMB_RELEASED
 from metacenter.runtime.turns import in_chunks
 
 FORMAT = 1
-CHUNK = 1000
+# Entries looked at per chunk (a reactor turn): about a millisecond here.
+CHUNK = 250
+# KV-cache hashes per chunk (an engine holds up to 16,384 of them).
+CACHE_CHUNK = 16384
 
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _decode = json.JSONDecoder().decode
+# What _encode writes for a str (the C encoder, ensure_ascii=False).
+_string = encode_basestring
 
 
 # -- encoding --------------------------------------------------------------------
@@ -66,13 +72,32 @@ def _lines(entries):
     return "".join(_encode(e) + "\n" for e in entries).encode("utf-8")
 
 
+def record_line(record):
+    """``_encode(record_entry(record)) + "\n"``, the same text built from its
+    strings (about 4x faster: a snapshot writes a million of them)."""
+    request_id, cluster, ip, prompt_length, prompt_deleted, created_s = record[:6]
+    line = '["r",%s,%s,%s,%d,%d,%s' % (_string(request_id), _string(cluster), _string(ip), prompt_length,
+                                       1 if prompt_deleted else 0, "null" if created_s is None else "%d" % created_s)
+    if len(record) > 6:
+        lease = record[7]
+        return line + ',%d,%s]\n' % (record[6], "null" if lease is None else _string(lease))
+    return line + "]\n"
+
+
+def tombstone_line(request_id, kind, created_s):
+    """``_encode(["t", request_id, kind, created_s]) + "\n"`` (see ``record_line``)."""
+    return '["t",%s,%d,%d]\n' % (_string(request_id), kind, created_s)
+
+
 def state_chunks(node, clusters=None, tombstones=True, cache=True, keep=None):
     """A generator of bytes chunks (whole lines, possibly empty) of a
     snapshot of ``node``: everything, or the live requests of the given
     clusters only (``clusters`` a set, for anti-entropy), and of those only
     the records for which ``keep(record)`` is true. Each chunk looks at no
-    more than ``CHUNK`` entries (requests, tombstones; fewer cache engines,
-    which hold many hashes each), so the consumer paces the walk."""
+    more than ``CHUNK`` entries (requests, tombstones) or ``CACHE_CHUNK``
+    KV-cache hashes (at least one engine), so the consumer paces the walk
+    and each step stays around a millisecond; the walk holds no more than
+    one entry's objects at a time (nothing piles up for the cyclic GC)."""
     state = node.state
     header = {"snapshot": FORMAT, "node": node.advertise, "time": int(node.clock.seconds() * 1e9)}
     position = getattr(node, "log_position", None)
@@ -98,27 +123,48 @@ def state_chunks(node, clusters=None, tombstones=True, cache=True, keep=None):
     # requests of a reset engine not yet touched turn into released
     # tombstones during the request walk: they follow as tombstone lines.
     if tombstones:
-        for looked in in_chunks(state.iter_tombstones(full=full), CHUNK):
-            counts["tombstones"] += len(looked)
-            yield _lines(["t", request_id, kind, created_s] for request_id, kind, created_s in looked)
+        parts = []
+        for request_id, kind, created_s in state.iter_tombstones(full=full):
+            parts.append(tombstone_line(request_id, kind, created_s))
+            if len(parts) >= CHUNK:
+                counts["tombstones"] += len(parts)
+                yield "".join(parts).encode("utf-8")
+                parts = []
+        counts["tombstones"] += len(parts)
+        yield "".join(parts).encode("utf-8")
     released = [] if tombstones else None
-    for looked in in_chunks(state.iter_requests(full=full, released=released), CHUNK):
-        if clusters is not None:
-            looked = [r for r in looked if r[1] in clusters]
-        if keep is not None:
-            looked = [r for r in looked if keep(r)]
-        counts["requests"] += len(looked)
-        lines = _lines(record_entry(r) for r in looked)
+    kind = TOMB_RELEASED if full else TOMB_DELETED
+    parts = []
+    looked = 0
+    for record in state.iter_requests(full=full, released=released):
+        looked += 1
+        if record is not None and (clusters is None or record[1] in clusters) and (keep is None or keep(record)):
+            parts.append(record_line(record))
+            counts["requests"] += 1
         if released:
             counts["tombstones"] += len(released)
-            kind = TOMB_RELEASED if full else TOMB_DELETED
-            lines += _lines(["t", request_id, kind, created_s] for request_id, _, created_s in released)
+            parts.extend(tombstone_line(request_id, kind, created_s) for request_id, _, created_s in released)
             released.clear()
-        yield lines
+        if looked >= CHUNK:
+            yield "".join(parts).encode("utf-8")
+            parts = []
+            looked = 0
+    if released:  # met after the last record
+        counts["tombstones"] += len(released)
+        parts.extend(tombstone_line(request_id, kind, created_s) for request_id, _, created_s in released)
+    yield "".join(parts).encode("utf-8")
     if cache and clusters is None:
-        for looked in in_chunks(node.cache.iter_snapshot(), max(1, CHUNK // 100)):
-            counts["cache_engines"] += len(looked)
-            yield _lines(["c", cluster, ip, hashes] for cluster, ip, hashes in looked)
+        parts = []
+        hashes_looked = 0
+        for cluster, ip, hashes in node.cache.iter_snapshot():
+            counts["cache_engines"] += 1
+            parts.append(_encode(["c", cluster, ip, hashes]) + "\n")
+            hashes_looked += len(hashes) + 1
+            if hashes_looked >= CACHE_CHUNK:
+                yield "".join(parts).encode("utf-8")
+                parts = []
+                hashes_looked = 0
+        yield "".join(parts).encode("utf-8")
     yield _lines([dict(end=True, **counts)])
 
 

@@ -114,6 +114,45 @@ def differing_clusters(local: dict, remote: dict) -> List[str]:
     return sorted(name for name in set(local) | set(remote) if local.get(name, _EMPTY) != remote.get(name, _EMPTY))
 
 
+class DigestComparison:
+    """``differing_clusters(digests(state), remote)`` over chunks, so a
+    caller can spread it over reactor turns without building either side's
+    dict: ``remote(pairs)`` takes chunks of the peer's ``(name, [live,
+    "hex"])`` entries as they are read, ``local(names)`` then chunks of
+    this node's cluster names, ``result`` is the sorted names that differ.
+    An entry that is not ``[int, str]`` raises ValueError. A cluster absent
+    on one side counts as empty (as in ``differing_clusters``)."""
+
+    def __init__(self, state):
+        self._clusters = state.clusters
+        self._seen: Set[str] = set()
+        self._differ: Set[str] = set()
+
+    def remote(self, pairs: Iterable[Tuple[str, object]]) -> None:
+        clusters, seen, differ = self._clusters, self._seen, self._differ
+        for name, value in pairs:
+            if type(value) is not list or len(value) != 2 or type(value[0]) is not int or \
+                    type(value[1]) is not str:
+                raise ValueError(f"the digest of cluster {name!r} is not [live, \"16 hex digits\"]")
+            seen.add(name)
+            cluster = clusters.get(name)
+            live, digest = (0, 0) if cluster is None else (cluster.live, cluster.digest)
+            if value[0] != live or value[1] != "%016x" % digest:
+                differ.add(name)
+
+    def local(self, names: Iterable[str]) -> None:
+        clusters, seen, differ = self._clusters, self._seen, self._differ
+        for name in names:
+            if name not in seen:
+                cluster = clusters.get(name)
+                if cluster is not None and (cluster.live or cluster.digest):
+                    differ.add(name)
+
+    @property
+    def result(self) -> List[str]:
+        return sorted(self._differ)
+
+
 def reconcile(state, record: Record, now: float, merge: Optional[Callable[..., object]] = None) -> str:
     """Merges one of a peer's live requests into ``state`` (a ``LoadState``;
     ``now`` in seconds) and returns the outcome: ``SAME``, ``ADOPTED``,

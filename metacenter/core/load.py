@@ -23,8 +23,10 @@ at the first request that is still young; the few inserted out of order
 
 Pauses: CPython grows (and compacts) a dict by copying all of it within one
 insertion, tens of milliseconds at a million entries. Requests and tombstones
-are therefore split by hash into a few dicts (``ShardedDict``), each copied on
-its own; expiry walks every shard from its oldest end.
+are therefore split by hash into ``SHARDS`` dicts (``ShardedDict``), each
+copied on its own; expiry walks every shard from its oldest end. A snapshot
+walks them one shard at a time, from a copy of that shard's ids only (a
+whole-table copy touched a million keys in one go: a quarter of a second).
 """
 
 import heapq
@@ -65,8 +67,10 @@ TOMB_DELETED = 2  # delete seen (or the request expired)
 TOMB_RELEASED = 3
 _TOMB_FINISHED = 2  # the bit kinds 2 and 3 share
 
-# A power of two: requests and tombstones are split in this many dicts.
-SHARDS = 16
+# A power of two: requests and tombstones are split in this many dicts. At
+# the 2M-request limit a shard holds ~8k ids: its resize on an add and the
+# copy of its ids for a walk each stay well under a millisecond.
+SHARDS = 256
 _SHARD_MASK = SHARDS - 1
 
 # How far updated_time stamps may run ahead of the clock (see _stamp).
@@ -897,48 +901,57 @@ class LoadState:
     def iter_requests(self, full: bool = False, released: list | None = None) -> Iterator[tuple]:
         """Yield (request_id, cluster, ip, prompt_length, prompt_deleted, created_s)
         for every live request; with ``full``, also (prompt_tokens, lease or
-        None) at the end. The ids are copied first, so the state may change
-        between items (callers chunk it over reactor turns); one deleted
-        meanwhile is skipped. A request of a reset engine met on the way
-        turns into its released tombstone here (so a snapshot read after it
-        carries it as a tombstone, never as a live request); ``released``, a
-        list, also gets its ``(request_id, TOMB_RELEASED, now_s)`` then, for a
-        walk that already passed the tombstones."""
+        None) at the end. The state may change between items (callers chunk
+        it over reactor turns): the ids are copied one shard at a time (a
+        ``SHARDS``-th of them, under a millisecond at a million requests,
+        never the whole table in one go), a request deleted meanwhile is
+        skipped, one added meanwhile may or may not be met. A request of a
+        reset engine met on the way turns into its released tombstone here
+        (so a snapshot read after it carries it as a tombstone, never as a
+        live request); ``released``, a list, also gets its
+        ``(request_id, TOMB_RELEASED, now_s)`` then, for a walk that already
+        passed the tombstones, and None is yielded in its place (so the
+        caller counts it in its chunk: a reset engine may leave a million)."""
         engines = self._engines
-        requests = self._requests
-        for request_id in list(requests):
-            packed = requests.get(request_id)
-            if packed is None:
-                continue
-            engine = engines.get(_engine_id(packed))
-            if engine is None:
-                requests.pop(request_id)
-                now = self._now()
-                self._finish(request_id, packed, now, TOMB_RELEASED, False)
-                if released is not None:
-                    released.append((request_id, TOMB_RELEASED, int(now)))
-                continue
-            record = (request_id, engine.cluster, engine.ip, _prompt(packed), _prompt_deleted(packed),
-                      _created(packed))
-            if full:
-                record += (_tokens(packed), self._lease_name(packed))
-            yield record
+        for shard in self._requests.shards:
+            get = shard.get
+            for request_id in list(shard):
+                packed = get(request_id)
+                if packed is None:
+                    continue
+                engine = engines.get((packed >> _ENGINE_SHIFT) & _LOW32)
+                if engine is None:
+                    del shard[request_id]
+                    now = self._now()
+                    self._finish(request_id, packed, now, TOMB_RELEASED, False)
+                    if released is not None:
+                        released.append((request_id, TOMB_RELEASED, int(now)))
+                        yield None
+                    continue
+                record = (request_id, engine.cluster, engine.ip, (packed >> _PROMPT_SHIFT) & _LOW31,
+                          bool(packed & _FLAG_PROMPT_DELETED), packed >> _CREATED_SHIFT)
+                if full:
+                    record += ((packed >> _TOKENS_SHIFT) & _LOW31,
+                               self._lease_name(packed) if (packed >> _LEASE_SHIFT) & _LOW32 else None)
+                yield record
 
     def iter_tombstones(self, full: bool = False) -> Iterator[tuple]:
         """Yield (request_id, kind, created_s) for every tombstone; like
-        iter_requests, safe across changes. ``kind`` is TOMB_PROMPT or
-        TOMB_DELETED, or with ``full`` also TOMB_RELEASED (the wire's older
-        readers know only the first two; a released request is a deleted one
-        to them). Requests of a reset engine are tombstones only once
-        ``iter_requests`` (or a touch, or the sweep) met them: a snapshot
-        reads the requests first. (Copying the keys, not the items: a million
-        item tuples would each be tracked by the GC.)"""
-        tombstones = self._tombstones
-        for request_id in list(tombstones):
-            tomb = tombstones.get(request_id)
-            if tomb is not None:
-                kind = tomb & 3
-                yield request_id, (kind if full or kind != TOMB_RELEASED else TOMB_DELETED), tomb >> 2
+        iter_requests, safe across changes (the ids copied a shard at a
+        time). ``kind`` is TOMB_PROMPT or TOMB_DELETED, or with ``full`` also
+        TOMB_RELEASED (the wire's older readers know only the first two; a
+        released request is a deleted one to them). Requests of a reset
+        engine are tombstones only once ``iter_requests`` (or a touch, or the
+        sweep) met them: a snapshot adds those its request walk meets. (Copying the
+        keys, not the items: a million item tuples would each be tracked by
+        the GC.)"""
+        for shard in self._tombstones.shards:
+            get = shard.get
+            for request_id in list(shard):
+                tomb = get(request_id)
+                if tomb is not None:
+                    kind = tomb & 3
+                    yield request_id, (kind if full or kind != TOMB_RELEASED else TOMB_DELETED), tomb >> 2
 
     def apply_record(self, request_id: str, cluster: str, ip: str, prompt_length: int, prompt_deleted: bool,
                      created_s: int | None, prompt_tokens: int = 0, lease: str | None = None) -> bool:

@@ -55,5 +55,5 @@ def scan(cooperate, items, size, visit):
     """Calls ``visit(chunk)`` for every list of up to ``size`` consecutive
     ``items``, one chunk per cooperator step. ``items`` is consumed lazily,
     so it may be a generator over a changing state (``LoadState.iter_requests``
-    copies its ids first and skips what went meanwhile). A Deferred as ``run``."""
+    copies its ids a shard at a time and skips what went meanwhile). A Deferred as ``run``."""
     return run(cooperate, (visit(chunk) for chunk in in_chunks(items, size)))
