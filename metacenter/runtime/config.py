@@ -61,6 +61,13 @@ def positive_duration(text):
     return value
 
 
+def non_negative_duration(text):
+    value = parse_duration(text)
+    if value < 0:
+        raise ValueError(f"must be a duration of 0 or more, got {text!r}")
+    return value
+
+
 def lease_duration(text):
     """A lease TTL: a duration in [1 s, 300 s] (a keepalive's ttl_ms range)."""
     value = parse_duration(text)
@@ -336,9 +343,14 @@ SETTINGS = (
     Setting("replication-port", port_number, None,
             "Port of the peers' replication listeners (when a Service or firewall maps it); default: the port "
             "each peer reports on /v1/node/status.", env=("METACENTER_REPLICATION_PORT",)),
-    Setting("replication-window", positive_int, 4,
-            "Replication frames sent to a peer and not yet acknowledged, at most.",
+    Setting("replication-window", positive_int, 64,
+            "Replication frames sent to a peer and not yet acknowledged, at most (the peer is asked to "
+            "acknowledge at half of it).",
             env=("METACENTER_REPLICATION_WINDOW",)),
+    Setting("replication-ack-delay", non_negative_duration, 0.02,
+            "How long this node may hold back the acknowledgement of a peer's replication frames, to cover "
+            "more of them with one; 0: one per network read.",
+            env=("METACENTER_REPLICATION_ACK_DELAY",)),
     Setting("replication-log-capacity", positive_int, 200000,
             "Events the replication log holds; a peer further behind needs a repair (anti-entropy).",
             env=("METACENTER_REPLICATION_LOG_CAPACITY",)),
