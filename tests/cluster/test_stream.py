@@ -162,9 +162,9 @@ class Pair:
         self.gaps = []
         self.repairs = []
         self.acks = []
+        self.lags = []  # the receiver's apply lag, per frame
         self.receiver = self.make_receiver(receiver_secrets)
         self.log = ReplicationLog(self.reactor, capacity=capacity)
-        options.setdefault("window", 4)
         self.sender = StreamReplicator(
             self.log, "sender-node", sender_secrets, self.reactor,
             lambda peer: TCP4ClientEndpoint(self.reactor, peer[0], peer[1]),
@@ -178,7 +178,8 @@ class Pair:
 
     def make_receiver(self, secrets, port=PORT):
         receiver = ReceiverFactory("receiver-node", secrets, self.frames.append, self.reactor,
-                                   on_gap=lambda node, log_id, skipped: self.gaps.append(skipped))
+                                   on_gap=lambda node, log_id, skipped: self.gaps.append(skipped),
+                                   observe_lag=self.lags.append)
         self.reactor.listenTCP(port, receiver)
         return receiver
 
@@ -487,7 +488,7 @@ def test_a_short_outage_resumes_from_the_receivers_offset_without_repair():
     pair = Pair(max_frame_events=10)
     pair.connect()
     pair.append(0, 30)
-    pair.pump.flush()
+    pair.settle()
     pair.append(30, 25)
     pair.reactor.advance(0)  # frames in flight ...
     pair.cut(lose_in_flight=True)  # ... lost with the connection
