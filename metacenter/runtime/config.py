@@ -61,10 +61,12 @@ def positive_duration(text):
     return value
 
 
-def non_negative_duration(text):
+def ack_delay(text):
+    """A replication ack delay: [0, 1 s]; a sender drops a peer that
+    acknowledges nothing for 10 s, so a delay must stay far below that."""
     value = parse_duration(text)
-    if value < 0:
-        raise ValueError(f"must be a duration of 0 or more, got {text!r}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"must be a duration from 0s to 1s, got {text!r}")
     return value
 
 
@@ -347,9 +349,9 @@ SETTINGS = (
             "Replication frames sent to a peer and not yet acknowledged, at most (the peer is asked to "
             "acknowledge at half of it).",
             env=("METACENTER_REPLICATION_WINDOW",)),
-    Setting("replication-ack-delay", non_negative_duration, 0.02,
+    Setting("replication-ack-delay", ack_delay, 0.02,
             "How long this node may hold back the acknowledgement of a peer's replication frames, to cover "
-            "more of them with one; 0: one per network read.",
+            "more of them with one (at most 1s); 0: one per network read.",
             env=("METACENTER_REPLICATION_ACK_DELAY",)),
     Setting("replication-log-capacity", positive_int, 200000,
             "Events the replication log holds; a peer further behind needs a repair (anti-entropy).",

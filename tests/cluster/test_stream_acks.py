@@ -327,3 +327,26 @@ def test_a_sender_of_only_an_unknown_version_is_refused_with_the_reason_and_coun
     sender.connectionLost(None)
     assert pair.link.failures == 1 and "unsupported stream version 3" in pair.link.last_error
     assert failures == [pair.link.last_error]
+
+
+# -- settings ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("given, expected", [("0", 0.0), ("5ms", 0.005), ("1s", 1.0)])
+def test_the_ack_delay_setting_takes_durations_up_to_a_second(given, expected):
+    from metacenter.runtime.config import resolve
+    assert resolve({"replication-ack-delay": given}, {}).replication_ack_delay == expected
+    assert resolve({}, {"METACENTER_REPLICATION_ACK_DELAY": given}).replication_ack_delay == expected
+
+
+@pytest.mark.parametrize("given", ["2s", "-1ms", "soon"])
+def test_an_ack_delay_a_sender_would_time_out_on_is_refused_naming_the_setting(given):
+    from metacenter.runtime.config import ConfigError, resolve
+    with pytest.raises(ConfigError, match="--replication-ack-delay"):
+        resolve({"replication-ack-delay": given}, {})
+
+
+def test_the_defaults_give_a_window_the_ack_delay_never_holds_up():
+    from metacenter.runtime.config import resolve
+    cfg = resolve({}, {})
+    assert cfg.replication_window == stream.WINDOW == 64 and cfg.replication_ack_delay == stream.ACK_DELAY
