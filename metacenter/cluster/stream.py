@@ -1136,8 +1136,10 @@ class PeerStream:
                 "lag_events": self.lag_events(), "lag_ms": round(self.lag_seconds() * 1000, 3),
                 "window": self.window_in_use(), "frames_sent": self.frames_sent, "events_sent": self.events_sent,
                 "bytes_sent": self.bytes_sent, "acks": self.acks,
-                "version": self.protocol.version if self.protocol is not None else None, "reconnects": self.reconnects, "resumes": self.resumes,
-                "fresh_starts": self.fresh_starts, "repairs": self.repairs, "failures": self.failures, "rejected": self.rejected, "last_error": self.last_error}
+                "version": self.protocol.version if self.protocol is not None else None,
+                "reconnects": self.reconnects, "resumes": self.resumes, "fresh_starts": self.fresh_starts,
+                "repairs": self.repairs, "failures": self.failures, "rejected": self.rejected,
+                "last_error": self.last_error}
 
     def close(self):
         """The peer left (or the node stops): no more connections."""
@@ -1195,8 +1197,8 @@ class StreamReplicator(Service):
     name = "stream-replication"
 
     def __init__(self, log, node_id, secrets, clock, connect, *, window=WINDOW, window_bytes=WINDOW_BYTES,
-                 max_frame_events=4096, max_frame_bytes=2**20, handshake_timeout=5.0, ack_timeout=10.0, backoff_first=0.05,
-                 backoff_max=1.0, on_repair=None, on_ack=None, name_peer=None, on_failure=None):
+                 max_frame_events=4096, max_frame_bytes=2**20, handshake_timeout=5.0, ack_timeout=10.0,
+                 backoff_first=0.05, backoff_max=1.0, on_repair=None, on_ack=None, name_peer=None, on_failure=None):
         self.log = log
         self.node_id = node_id
         self.secrets = normalise_secrets(secrets)
