@@ -18,8 +18,12 @@ places them (``WORKLOAD_CLUSTERS``).
    per client mutation = the nodes' CPU time (/proc) from the first mutation
    until every stream has acknowledged everything, over the mutations. The
    3-node and 5-node figures are divided by the 1-node one. Replication lag:
-   the ``metacenter_stream_ack_lag_seconds`` histograms of every node (per
-   acknowledgement, the age of the oldest entry it acknowledged), p50/p99.
+   the ``metacenter_stream_apply_lag_seconds`` histograms of every node (per
+   frame applied, from its oldest entry's append on the sender to its
+   application), p50/p99; beside it the acknowledgement lag
+   (``metacenter_stream_ack_lag_seconds``, which includes the receivers'
+   ack delay). Frames, events and acknowledgements count the measured run
+   only (the streams' status counters before and after it).
 2. Saturation (3 nodes): as fast as the nodes answer, driven by
    ``bench.http_load.run_sequences`` (plain sockets and epoll: 23–42 µs of
    its core per mutation where the nodes take 220–410, so it is not the
@@ -66,7 +70,12 @@ CONNECTIONS = 30
 SATURATION_RATE = 6000
 SATURATION_CONNECTIONS = 48  # in all, over the nodes in proportion to their requests
 SECRET = "bench-cluster-secret"
-LAG_METRIC = "metacenter_stream_ack_lag_seconds"
+# Replication lag where it happens: per frame applied, from its oldest
+# event's append on the sender to its application on the receiver (all the
+# nodes here share one clock). The acknowledgement lag (the sender's view)
+# also includes the receivers' ack delay; it is reported beside it.
+LAG_METRIC = "metacenter_stream_apply_lag_seconds"
+ACK_LAG_METRIC = "metacenter_stream_ack_lag_seconds"
 # The load goes through metacenter.client.AsyncClient, as a Python gateway
 # sends it: every call about a cluster goes to the node at fnv32a(cluster) % N
 # of the sorted node list, and a request's deletes follow its add. So the
@@ -152,11 +161,12 @@ def envelope_ok(status, body):
     return f"HTTP {status}: {body[:300]!r}"
 
 
-def lag_buckets(metrics_text):
-    """{upper bound: cumulative count} of the ack-lag histogram, summed over peers."""
+def lag_buckets(metrics_text, metric=LAG_METRIC):
+    """{upper bound: cumulative count} of a lag histogram (``LAG_METRIC``
+    by default), summed over its series."""
     buckets = {}
     for line in metrics_text.splitlines():
-        if line.startswith(LAG_METRIC + "_bucket{"):
+        if line.startswith(metric + "_bucket{"):
             le = line.split('le="', 1)[1].split('"', 1)[0]
             bound = float("inf") if le == "+Inf" else float(le)
             buckets[bound] = buckets.get(bound, 0.0) + float(line.rsplit(" ", 1)[1])
@@ -327,13 +337,25 @@ def measure(quick, seconds, log, pin=True, sizes=(1, 3, 5)):
         total = sum(counts.values())
         return [round(counts.get(url, 0) / total, 3) for url in client.nodes]
 
-    async def lag_histogram(client, nodes):
+    async def lag_histogram(client, nodes, metric=LAG_METRIC):
         total = {}
         for node in nodes:
             text = await client.metrics(node=node.url)
-            for bound, count in lag_buckets(text).items():
+            for bound, count in lag_buckets(text, metric).items():
                 total[bound] = total.get(bound, 0.0) + count
         return total
+
+    def stream_totals(statuses):
+        """Frames and events sent, acknowledgements received, over every peer of every node."""
+        peers = [p for s in statuses for p in s["peers"]]
+        return {key: sum(p.get(key, 0) for p in peers) for key in ("frames_sent", "events_sent", "acks")}
+
+    def quantiles(before, after):
+        delta = sorted((bound, count - before.get(bound, 0.0)) for bound, count in after.items())
+        if not delta or not delta[-1][1]:
+            return None, None, 0
+        return (round(histogram_quantile(delta, 0.5) * 1000, 3), round(histogram_quantile(delta, 0.99) * 1000, 3),
+                int(delta[-1][1]))
 
     async def paced(n):
         nodes, client = await start_cluster(n)
@@ -343,17 +365,21 @@ def measure(quick, seconds, log, pin=True, sizes=(1, 3, 5)):
             await drained(client, nodes)
             ops = gateway_ops(f"paced{n}", mutations_for(seconds, RATE), WORKLOAD_CLUSTERS)
             lag0 = await lag_histogram(client, nodes)
+            ack_lag0 = await lag_histogram(client, nodes, ACK_LAG_METRIC)
+            totals0 = stream_totals([await status(client, node) for node in nodes])
             cpu0 = sum(node.cpu_seconds() for node in nodes)
             elapsed = await send_all(ops, client, rate=RATE)
             await drained(client, nodes)
             cpu = sum(node.cpu_seconds() for node in nodes) - cpu0
             lag1 = await lag_histogram(client, nodes)
+            ack_lag1 = await lag_histogram(client, nodes, ACK_LAG_METRIC)
             statuses = [await status(client, node) for node in nodes]
             node_shares = shares(client, ops)
         finally:
             await stop_cluster(nodes, client)
-        frames = sum(p["frames_sent"] for s in statuses for p in s["peers"])
-        events = sum(p["events_sent"] for s in statuses for p in s["peers"])
+        totals = stream_totals(statuses)
+        frames = totals["frames_sent"] - totals0["frames_sent"]
+        events = totals["events_sent"] - totals0["events_sent"]
         result = {"nodes": n, "mutations": len(ops), "mutations_per_s": round(len(ops) / elapsed, 1),
                   "cpu_s": round(cpu, 3), "cpu_us_per_mutation": round(cpu / len(ops) * 1e6, 1),
                   "core_utilisation": round(cpu / elapsed, 3),
@@ -361,14 +387,16 @@ def measure(quick, seconds, log, pin=True, sizes=(1, 3, 5)):
                   "repairs": sum(p["repairs"] for s in statuses for p in s["peers"]),
                   "node_add_shares": node_shares}
         if n > 1:
-            delta = sorted((bound, count - lag0.get(bound, 0.0)) for bound, count in lag1.items())
-            result["lag_p50_ms"] = round(histogram_quantile(delta, 0.5) * 1000, 3)
-            result["lag_p99_ms"] = round(histogram_quantile(delta, 0.99) * 1000, 3)
-            result["acks"] = int(delta[-1][1]) if delta else 0
+            # Apply lag per frame (LAG_METRIC); the ack lag per acknowledgement.
+            result["lag_p50_ms"], result["lag_p99_ms"], result["lag_frames"] = quantiles(lag0, lag1)
+            result["ack_lag_p50_ms"], result["ack_lag_p99_ms"], _ = quantiles(ack_lag0, ack_lag1)
+            result["frames"] = frames
+            result["acks"] = totals["acks"] - totals0["acks"]
+            result["acks_per_frame"] = round(result["acks"] / frames, 3) if frames else None
         log(f"cluster: {n} node(s) at {result['mutations_per_s']:,.0f} mutations/s: "
             f"{result['cpu_us_per_mutation']:.0f} µs CPU per mutation, core {result['core_utilisation']:.0%}"
             + (f", lag p50 {result['lag_p50_ms']:.2f} ms p99 {result['lag_p99_ms']:.2f} ms, mean frame "
-               f"{result['mean_frame_events']} events" if n > 1 else ""))
+               f"{result['mean_frame_events']} events, {result['acks_per_frame']} acks per frame" if n > 1 else ""))
         return result
 
     async def saturation(n=3):

@@ -13,14 +13,18 @@ Wire. Messages are length-prefixed (4 bytes, big-endian;
 ``Int32StringReceiver``); the first byte of a message is its kind:
 
     sender -> receiver
-      H hello      JSON {"v": 1, "node": S, "log": L, "nonce": Ns}
+      H hello      JSON {"v": 1, "max_v": 2, "node": S, "log": L, "nonce": Ns,
+                         "ack_frames": n, "ack_bytes": b}
       P proof      JSON {"proof": hex, "start": offset}
-      F frame      ">QI" start offset and entry count, then the entries as one
-                   JSON array of arrays ([type, field, ...], see core.replog)
+      F frame      ">QId" (version 2) start offset, entry count and the
+                   sender's wall-clock time (s) when the frame's oldest entry
+                   was appended; ">QI" (version 1) without the time; then
+                   the entries as one JSON array of arrays ([type, field,
+                   ...], see core.replog)
       G gap        ">Q" the stream goes on at this offset: the entries between
                    were skipped (the receiver needs a repair)
     receiver -> sender
-      C challenge  JSON {"v": 1, "node": R, "nonce": Nr, "applied": offset|null, "proof": hex}
+      C challenge  JSON {"v": V, "node": R, "nonce": Nr, "applied": offset|null, "proof": hex}
       A ack        ">Q" every entry of log L before this offset is applied (cumulative)
       R rejected   JSON {"offset": o, "count": n, "first": reason}: entries refused
                    as invalid (acknowledged all the same: sending them again
@@ -30,6 +34,15 @@ Wire. Messages are length-prefixed (4 bytes, big-endian;
 
 The receiver answers a valid proof with ``A`` at the start offset; the sender
 counts the connection as established, and sends frames, from then on.
+
+Versions. The hello offers ``v`` (the oldest version the sender speaks) to
+``max_v`` (its newest); the receiver answers with the highest both speak
+(``negotiate``) or refuses with ``E`` naming both ranges. Version 1 is the
+previous release's: its hello has only ``v: 1`` (which this node accepts)
+and its receivers check ``v == 1`` (which this node's hello keeps), so the
+two releases stream to each other in version 1 during a rolling upgrade.
+Version 2 adds the frame's time (``metacenter_stream_apply_lag_seconds``)
+and lazy acknowledgements.
 
 Handshake (challenge-response, both sides). Ns and Nr are 16 fresh random
 bytes of each connection. The receiver proves itself with
@@ -53,10 +66,16 @@ through ``on_repair``); an unknown log gets the entries from the cursor on
 (``FRESH``). So a short outage costs no repair.
 
 Flow. Appending arms one ``callLater(0)``: entries appended during a reactor
-turn leave together right after it, never on a timer. At most ``window``
-frames are unacknowledged; what is appended meanwhile leaves with the next
-acknowledgement, so frames grow with load. The receiver acknowledges once per
-network read, however many frames it held.
+turn leave together right after it, never on a timer, and are put on the
+socket in that turn (``_push``), not one loop iteration later. At most
+``window`` frames and ``window_bytes`` bytes are unacknowledged; what is
+appended meanwhile leaves with the next acknowledgement, so frames grow with
+load. A version 2 receiver acknowledges (cumulatively) once ``ack_frames``
+frames or ``ack_bytes`` bytes are unacknowledged (the sender asks for half
+its window) or ``ack_delay`` after the first unacknowledged frame, whichever
+comes first: at a steady load that is one ack per ``ack_delay``, not one per
+frame, and the window never fills. A version 1 receiver acknowledges once
+per network read.
 
 Receiving. A frame's entries are decoded with one ``json.loads`` into lists
 (no per-entry dict on the common path) and validated as strictly as a
@@ -74,7 +93,7 @@ import struct
 from collections import OrderedDict
 
 from twisted.application.service import Service
-from twisted.internet import defer, task
+from twisted.internet import defer, task, tcp
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
@@ -90,13 +109,15 @@ from metacenter.runtime.logs import ThrottledLog, logger
 
 log = logger("metacenter.cluster.stream")
 
-VERSION = 1
-DOMAIN = b"metacenter-stream-v1"
+VERSION = 2  # the newest stream version this node speaks
+MIN_VERSION = 1  # the oldest: the previous release's (untimed frames, an ack per read)
+DOMAIN = b"metacenter-stream-v1"  # the proofs' domain, the same in every version
 
 HELLO, PROOF, FRAME, GAP = b"H", b"P", b"F", b"G"
 CHALLENGE, ACK, REJECTED, ERROR = b"C", b"A", b"R", b"E"
 
-_FRAME = struct.Struct(">cQI")  # kind, start offset, entry count
+_FRAME = struct.Struct(">cQI")  # v1: kind, start offset, entry count
+_FRAME_TIMED = struct.Struct(">cQId")  # v2: the same, then the oldest entry's append time (s, sender's clock)
 _OFFSET = struct.Struct(">cQ")  # kind, offset (ack, gap)
 _PREFIX = struct.Struct(">I")  # Int32StringReceiver's length prefix
 
@@ -104,6 +125,10 @@ HANDSHAKE_MAX_BYTES = 4096  # before authentication nobody makes us buffer more
 MAX_MESSAGE_BYTES = 16 * 2**20  # after it; a frame always fits (see max_frame_bytes)
 NODE_ID_MAX = 256
 KNOWN_LOGS = 256  # sender logs whose applied offset a receiver remembers
+ACK_DELAY = 0.02  # s: how long a receiver may hold an acknowledgement back (v2)
+WINDOW = 64  # frames a sender may have unacknowledged
+WINDOW_BYTES = 8 * 2**20  # bytes of frames a sender may have unacknowledged
+MAX_LAG = 1e6  # s: a frame time further off than this is nonsense, not lag
 LOG_INTERVAL = 30.0  # a recurring failure is logged again at most this often
 
 _encode = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
@@ -206,9 +231,37 @@ def _offset_message(message, what):
     return _OFFSET.unpack(message)[1]
 
 
-def _check_version(obj, what):
-    if obj.get("v") != VERSION:
-        raise ProtocolError(f"{what}: unsupported stream version {obj.get('v')!r}, this node speaks {VERSION}")
+def _int_field(obj, name, what, low, high):
+    value = obj.get(name)
+    if type(value) is not int or not low <= value <= high:
+        raise ProtocolError(f"{what}: field '{name}' must be an integer in [{low}, {high}]")
+    return value
+
+
+def negotiate(hello):
+    """The version a receiver speaks with the sender of ``hello``: the
+    highest both know. A sender offers ``v`` (its oldest version, so a
+    previous-version receiver, which checks ``v == 1``, still accepts it) to
+    ``max_v`` (its newest; absent from a version 1 sender's hello).
+    Raises ``ProtocolError`` naming both ranges when they do not meet."""
+    low = hello.get("v")
+    high = hello.get("max_v", low)
+    if type(low) is not int or type(high) is not int or high < low:
+        raise ProtocolError(f"hello: fields 'v' and 'max_v' must be integers with v <= max_v, "
+                            f"got {low!r} and {high!r}")
+    version = min(high, VERSION)
+    if version < max(low, MIN_VERSION):
+        raise ProtocolError(f"hello: unsupported stream version {low}..{high}, "
+                            f"this node speaks {MIN_VERSION}..{VERSION}")
+    return version
+
+
+def _challenge_version(challenge):
+    version = challenge.get("v")
+    if type(version) is not int or not MIN_VERSION <= version <= VERSION:
+        raise ProtocolError(f"challenge: unsupported stream version {version!r}, "
+                            f"this node speaks {MIN_VERSION}..{VERSION}")
+    return version
 
 
 # -- decoding --------------------------------------------------------------------
@@ -337,6 +390,22 @@ def _no_delay(transport):
             pass
 
 
+def _push(transport):
+    """Puts what was just written on the socket in this reactor turn.
+
+    ``transport.write`` only registers the socket for writing, so the bytes
+    would leave one loop iteration later (an epoll round trip and a
+    ``doWrite`` per frame and per ack). A plain TCP socket that is writable
+    takes them at once; what it does not take stays buffered and registered
+    as before, and an error is left for the reactor's own ``doWrite`` to
+    find. Other transports (TLS, which encrypts in its protocol, memory
+    transports in tests) are left alone."""
+    # Not while disconnecting: doWrite would then finish the close and
+    # return its reason to us instead of the reactor. (Streams never half-close.)
+    if isinstance(transport, tcp.Connection) and transport.connected and not transport.disconnecting:
+        transport.doWrite()
+
+
 # -- receiver ----------------------------------------------------------------------
 
 
@@ -351,10 +420,14 @@ class ReceiverProtocol(Int32StringReceiver):
         self.peer_node = None
         self.log_id = None
         self.expected = None  # offset of the next entry
+        self.version = None  # negotiated in the hello
         self._nonces = None
-        self._ack_due = None
+        self._ack_due = None  # offset to acknowledge, None when all is acknowledged
+        self._ack_timer = None  # DelayedCall sending it at the latest (v2)
+        self.ack_frames = self.ack_bytes = 1  # the sender's: acknowledge once this much is unacknowledged
+        self._unacked_frames = self._unacked_bytes = 0
         self._timeout = None
-        self.frames = self.entries = self.rejected = self.bytes = 0
+        self.frames = self.entries = self.rejected = self.bytes = self.acks = 0
 
     def connectionMade(self):
         self.factory.connections_made += 1
@@ -373,11 +446,38 @@ class ReceiverProtocol(Int32StringReceiver):
         self._fail(f"a message of {length} bytes exceeds this node's limit of {self.MAX_LENGTH}")
 
     def dataReceived(self, data):
-        self._ack_due = None
         super().dataReceived(data)
-        # One acknowledgement per network read, however many frames it held.
-        if self._ack_due is not None and self.state == "streaming":
-            self.transport.write(_PREFIX.pack(9) + _OFFSET.pack(ACK, self._ack_due))
+        if self._ack_due is None or self.state != "streaming":
+            return
+        # Acknowledgements are cumulative: one covers every frame before it.
+        # A version 1 sender (a window of 4) gets one per network read. A
+        # version 2 sender has a window large enough for the receiver to
+        # wait until half of it is used or ``ack_delay`` passed, so a busy
+        # stream costs one ack per many frames, not a wake-up per frame.
+        if (self.version < 2 or self._unacked_frames >= self.ack_frames or self._unacked_bytes >= self.ack_bytes
+                or not self.factory.ack_delay):
+            self._send_ack()
+        elif self._ack_timer is None:
+            self._ack_timer = self.factory.clock.callLater(self.factory.ack_delay, self._ack_delay_passed)
+
+    def _send_ack(self):
+        offset, self._ack_due = self._ack_due, None
+        self._unacked_frames = self._unacked_bytes = 0
+        timer, self._ack_timer = self._ack_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        self.acks += 1
+        self.factory.acks += 1
+        self.transport.write(_PREFIX.pack(9) + _OFFSET.pack(ACK, offset))
+        _push(self.transport)
+
+    def _ack_delay_passed(self):
+        self._ack_timer = None
+        try:
+            if self._ack_due is not None and self.state == "streaming":
+                self._send_ack()
+        except Exception:
+            log.failure("acknowledging replication frames from {peer} failed", peer=self.peer_node)
 
     def stringReceived(self, message):
         if self.state == "closed":
@@ -404,7 +504,10 @@ class ReceiverProtocol(Int32StringReceiver):
     def _hello(self, message):
         factory = self.factory
         hello = _json_message(message, "hello")
-        _check_version(hello, "hello")
+        self.version = negotiate(hello)
+        if self.version >= 2:
+            self.ack_frames = _int_field(hello, "ack_frames", "hello", 1, 2**31 - 1)
+            self.ack_bytes = _int_field(hello, "ack_bytes", "hello", 1, INT64_MAX)
         self.peer_node = _node_field(hello, "hello")
         self.log_id = _hex_field(hello, "log", "hello")
         sender_nonce = _hex_field(hello, "nonce", "hello")
@@ -413,7 +516,7 @@ class ReceiverProtocol(Int32StringReceiver):
         receiver_nonce = new_nonce()
         self._nonces = (sender_nonce, receiver_nonce)
         applied = factory.applied.get(self.log_id)
-        reply = {"v": VERSION, "node": factory.node_id, "nonce": receiver_nonce, "applied": applied,
+        reply = {"v": self.version, "node": factory.node_id, "nonce": receiver_nonce, "applied": applied,
                  "proof": sign(factory.secrets, b"receiver", sender_nonce, receiver_nonce, self.peer_node,
                                factory.node_id, self.log_id, applied)}
         self.state = "proof"
@@ -438,17 +541,22 @@ class ReceiverProtocol(Int32StringReceiver):
         self.expected = start
         factory._streaming(self)
         self.transport.write(_PREFIX.pack(9) + _OFFSET.pack(ACK, start))  # welcome: streaming may begin
+        _push(self.transport)
 
     # -- streaming ---------------------------------------------------------------
 
     def _frame(self, message):
-        if len(message) < _FRAME.size:
+        header = _FRAME_TIMED if self.version >= 2 else _FRAME
+        if len(message) < header.size:
             raise ProtocolError("malformed frame: shorter than its header")
-        _, start, count = _FRAME.unpack_from(message)
+        if self.version >= 2:
+            _, start, count, sent_at = header.unpack_from(message)
+        else:
+            (_, start, count), sent_at = header.unpack_from(message), None
         if start != self.expected:
             raise ProtocolError(f"frame starts at offset {start}, expected {self.expected}")
         factory = self.factory
-        events, rejected, first = decode_entries(message[_FRAME.size:], count, factory.event_types)
+        events, rejected, first = decode_entries(message[header.size:], count, factory.event_types)
         if events:
             try:
                 factory.apply_frame(events)
@@ -458,9 +566,20 @@ class ReceiverProtocol(Int32StringReceiver):
                 factory.apply_errors += 1
                 log.failure("applying a replication frame of {count} events from {peer} failed",
                             count=len(events), peer=self.peer_node)
+        if sent_at is not None and factory.observe_lag is not None:
+            lag = factory.clock.seconds() - sent_at
+            # Clocks of two hosts disagree: a negative lag is skew and counts
+            # as 0; NaN, infinities and absurd times are not lag at all.
+            if lag < MAX_LAG:
+                factory.observe_lag(lag if lag > 0.0 else 0.0)
         self.expected = stop = start + count
+        # Applied is recorded before it is acknowledged: a reconnect resumes
+        # from here, so a frame applied but not yet acknowledged is never
+        # sent (and applied) again.
         factory.applied[self.log_id] = stop
         self._ack_due = stop
+        self._unacked_frames += 1
+        self._unacked_bytes += len(message) + 4
         self.frames += 1
         self.entries += count
         self.rejected += rejected
@@ -519,9 +638,10 @@ class ReceiverProtocol(Int32StringReceiver):
 
     def connectionLost(self, reason=None):
         self.state = "closed"
-        if self._timeout is not None and self._timeout.active():
-            self._timeout.cancel()
-        self._timeout = None
+        for timer in (self._timeout, self._ack_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timeout = self._ack_timer = None
         self.factory._lost(self)
 
 
@@ -535,11 +655,16 @@ class ReceiverFactory(Factory):
     secrets, the first signs (see ``normalise_secrets``). ``own_log_id``:
     this node's own log, refused as a peer's (a node dialling itself).
     ``on_gap(peer_node, log_id, skipped)``: the sender skipped ``skipped``
-    entries this node lacks; it needs a repair.
+    entries this node lacks; it needs a repair. ``ack_delay`` (s): how long
+    an acknowledgement to a version 2 sender may wait for more frames (0:
+    one per network read, as in version 1). ``observe_lag(seconds)``: once
+    per applied version 2 frame, the time from its oldest entry's append on
+    the sender to its application here (both hosts' wall clocks, so their
+    skew is included; negative values count as 0).
 
     Counters (plain ints, read at scrape time): ``frames``, ``entries``
     (received), ``events`` (valid), ``rejected``, ``bytes``, ``gaps``,
-    ``skipped`` (entries lost in gaps), ``connections_made``,
+    ``skipped`` (entries lost in gaps), ``acks`` (sent), ``connections_made``,
     ``handshake_failures``, ``apply_errors``; ``streams`` maps log ids to the
     connection streaming them; ``applied`` log ids to offsets.
     """
@@ -548,7 +673,7 @@ class ReceiverFactory(Factory):
 
     def __init__(self, node_id, secrets, apply_frame, clock, *, own_log_id=None, on_gap=None,
                  handshake_timeout=5.0, max_message_bytes=MAX_MESSAGE_BYTES, known_logs=KNOWN_LOGS,
-                 event_types=None):
+                 event_types=None, ack_delay=ACK_DELAY, observe_lag=None):
         self.node_id = node_id
         self.secrets = normalise_secrets(secrets)
         self.apply_frame = apply_frame
@@ -559,11 +684,14 @@ class ReceiverFactory(Factory):
         self.max_message_bytes = max_message_bytes
         self.known_logs = known_logs
         self.event_types = EVENT_TYPES if event_types is None else event_types
+        self.ack_delay = ack_delay
+        self.observe_lag = observe_lag
         self.applied = OrderedDict()  # sender log id -> offset applied, oldest first
         self.streams = {}  # sender log id -> its streaming ReceiverProtocol
         self.throttled = ThrottledLog(log, clock, LOG_INTERVAL)
         self.frames = self.entries = self.events = self.rejected = self.bytes = 0
         self.gaps = self.skipped = self.connections_made = self.handshake_failures = self.apply_errors = 0
+        self.acks = 0
 
     def buildProtocol(self, addr):
         return ReceiverProtocol(self)
@@ -616,8 +744,8 @@ class ReceiverFactory(Factory):
 
     def status(self):
         """One dict per sender streaming to this node."""
-        return [{"peer": p.peer_node, "log": log_id, "applied": p.expected, "frames": p.frames,
-                 "entries": p.entries, "rejected": p.rejected, "bytes": p.bytes}
+        return [{"peer": p.peer_node, "log": log_id, "version": p.version, "applied": p.expected,
+                 "frames": p.frames, "entries": p.entries, "rejected": p.rejected, "bytes": p.bytes, "acks": p.acks}
                 for log_id, p in self.streams.items()]
 
 
@@ -632,6 +760,7 @@ class SenderProtocol(Int32StringReceiver):
     def __init__(self, link):
         self.link = link
         self.state = "challenge"  # -> "welcome" -> "streaming"; "closed"
+        self.version = None  # the receiver's choice, in its challenge
         self._nonce = new_nonce()
         self.start = None
         self.refused = False  # the peer closed with an error message
@@ -645,7 +774,11 @@ class SenderProtocol(Int32StringReceiver):
         link = self.link
         owner = link.owner
         self._timeout = owner.clock.callLater(owner.handshake_timeout, self._handshake_timed_out)
-        hello = {"v": VERSION, "node": owner.node_id, "log": owner.log.log_id, "nonce": self._nonce}
+        # Acknowledgements are asked for at half the window, so the next
+        # frames never wait for one while the receiver holds it back.
+        hello = {"v": MIN_VERSION, "max_v": VERSION, "node": owner.node_id, "log": owner.log.log_id,
+                 "nonce": self._nonce, "ack_frames": max(1, min(owner.window // 2, 2**31 - 1)),
+                 "ack_bytes": max(1, min(owner.window_bytes // 2, INT64_MAX))}
         self.sendString(HELLO + _encode(hello).encode("ascii"))
 
     def _handshake_timed_out(self):
@@ -682,7 +815,7 @@ class SenderProtocol(Int32StringReceiver):
     def _challenge(self, message):
         owner = self.link.owner
         challenge = _json_message(message, "challenge")
-        _check_version(challenge, "challenge")
+        self.version = _challenge_version(challenge)
         self.peer_node = _node_field(challenge, "challenge")
         receiver_nonce = _hex_field(challenge, "nonce", "challenge")
         applied = _offset_field(challenge, "applied", "challenge", nullable=True)
@@ -705,13 +838,22 @@ class SenderProtocol(Int32StringReceiver):
         self._timeout = None
         self.link._streaming(self)
 
-    def send_frame(self, start, count, payload):
-        self.transport.writeSequence((_PREFIX.pack(_FRAME.size + len(payload)), _FRAME.pack(FRAME, start, count),
-                                      payload))
-        return 4 + _FRAME.size + len(payload)
+    def send_frame(self, start, count, payload, sent_at):
+        """Writes one frame (``sent_at``: its oldest entry's append time,
+        which version 1 frames do not carry); returns its size in bytes.
+        ``push`` puts what was written on the socket."""
+        if self.version >= 2:
+            header = _FRAME_TIMED.pack(FRAME, start, count, sent_at)
+        else:
+            header = _FRAME.pack(FRAME, start, count)
+        self.transport.writeSequence((_PREFIX.pack(len(header) + len(payload)), header, payload))
+        return 4 + len(header) + len(payload)
 
     def send_gap(self, offset):
         self.transport.write(_PREFIX.pack(_OFFSET.size) + _OFFSET.pack(GAP, offset))
+
+    def push(self):
+        _push(self.transport)
 
     def fail(self, reason):
         """Tells the receiver why (``E``) and closes."""
@@ -890,21 +1032,28 @@ class PeerStream:
             return
         owner = self.owner
         cursor = self.cursor
+        written = False
         if cursor.lost:
             protocol.send_gap(cursor.sent)
             cursor.gap_announced()
             self.gaps_sent += 1
+            written = True
         idle = not cursor.in_flight
-        window, max_events, max_bytes = owner.window, owner.max_frame_events, owner.max_frame_bytes
-        frame = owner.log.frame
+        window, window_bytes = owner.window, owner.window_bytes
+        max_events, max_bytes = owner.max_frame_events, owner.max_frame_bytes
+        log_ = owner.log
+        frame, appended_at = log_.frame, log_.appended_at
         while True:
-            span = cursor.next_frame(window, max_events, max_bytes)
+            span = cursor.next_frame(window, max_events, max_bytes, window_bytes)
             if span is None:
                 break
             start, stop = span
-            self.bytes_sent += protocol.send_frame(start, stop - start, frame(start, stop))
+            self.bytes_sent += protocol.send_frame(start, stop - start, frame(start, stop), appended_at(start))
             self.frames_sent += 1
             self.events_sent += stop - start
+            written = True
+        if written:
+            protocol.push()
         if idle and cursor.in_flight:
             self._progress_at = owner.clock.seconds()
             if self._ack_check is None:
@@ -986,8 +1135,11 @@ class PeerStream:
         return {"peer": self.name, "mode": "stream", "connected": self.connected,
                 "lag_events": self.lag_events(), "lag_ms": round(self.lag_seconds() * 1000, 3),
                 "window": self.window_in_use(), "frames_sent": self.frames_sent, "events_sent": self.events_sent,
-                "bytes_sent": self.bytes_sent, "reconnects": self.reconnects, "resumes": self.resumes,
-                "fresh_starts": self.fresh_starts, "repairs": self.repairs, "failures": self.failures, "rejected": self.rejected, "last_error": self.last_error}
+                "bytes_sent": self.bytes_sent, "acks": self.acks,
+                "version": self.protocol.version if self.protocol is not None else None,
+                "reconnects": self.reconnects, "resumes": self.resumes, "fresh_starts": self.fresh_starts,
+                "repairs": self.repairs, "failures": self.failures, "rejected": self.rejected,
+                "last_error": self.last_error}
 
     def close(self):
         """The peer left (or the node stops): no more connections."""
@@ -1023,7 +1175,9 @@ class StreamReplicator(Service):
     replication listener (e.g. ``HostnameEndpoint(reactor, host,
     replication_port, timeout=0.5)`` or a TLS one).
 
-    ``window``: frames unacknowledged per peer; ``max_frame_events``,
+    ``window``, ``window_bytes``: frames and bytes of frames unacknowledged
+    per peer at most (a version 2 receiver is asked to acknowledge at half
+    of either, so a stream never waits for its ack delay); ``max_frame_events``,
     ``max_frame_bytes``: a frame's bounds (a single larger entry goes alone;
     keep it under the receiver's ``MAX_MESSAGE_BYTES``);
     ``handshake_timeout``, ``ack_timeout`` (s): a peer silent for that long
@@ -1042,15 +1196,16 @@ class StreamReplicator(Service):
 
     name = "stream-replication"
 
-    def __init__(self, log, node_id, secrets, clock, connect, *, window=4, max_frame_events=4096,
-                 max_frame_bytes=2**20, handshake_timeout=5.0, ack_timeout=10.0, backoff_first=0.05,
-                 backoff_max=1.0, on_repair=None, on_ack=None, name_peer=None, on_failure=None):
+    def __init__(self, log, node_id, secrets, clock, connect, *, window=WINDOW, window_bytes=WINDOW_BYTES,
+                 max_frame_events=4096, max_frame_bytes=2**20, handshake_timeout=5.0, ack_timeout=10.0,
+                 backoff_first=0.05, backoff_max=1.0, on_repair=None, on_ack=None, name_peer=None, on_failure=None):
         self.log = log
         self.node_id = node_id
         self.secrets = normalise_secrets(secrets)
         self.clock = clock
         self.connect = connect
         self.window = window
+        self.window_bytes = window_bytes
         self.max_frame_events = max_frame_events
         self.max_frame_bytes = max_frame_bytes
         self.handshake_timeout = handshake_timeout

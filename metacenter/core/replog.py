@@ -89,11 +89,13 @@ class Cursor:
         """Entries appended and not yet sent."""
         return self.log.end - self.sent
 
-    def next_frame(self, window: int, max_events: int, max_bytes: int):
+    def next_frame(self, window: int, max_events: int, max_bytes: int, window_bytes: int | None = None):
         """The next frame to send, ``(start, stop)`` offsets, and marks it in
-        flight; None when nothing waits or ``window`` frames are already
-        unacknowledged. A frame holds at most ``max_events`` entries and
-        ``max_bytes`` bytes of entries, but always at least one entry."""
+        flight; None when nothing waits, ``window`` frames are already
+        unacknowledged, or (if given) ``window_bytes`` bytes of entries are.
+        A frame holds at most ``max_events`` entries and ``max_bytes`` bytes
+        of entries, and no more than the byte window has room for, but
+        always at least one entry."""
         if len(self.in_flight) >= window:
             return None
         start = self.sent
@@ -101,6 +103,11 @@ class Cursor:
         stop = log.end
         if start >= stop:
             return None
+        if window_bytes is not None and start > self.acked:
+            room = window_bytes - (log._start_of(start) - log._start_of(max(self.acked, log.base)))
+            if room <= 0:
+                return None
+            max_bytes = min(max_bytes, room)
         if stop - start > max_events:
             stop = start + max_events
         stop = log.cut(start, stop, max_bytes)

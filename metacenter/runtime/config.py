@@ -61,6 +61,15 @@ def positive_duration(text):
     return value
 
 
+def ack_delay(text):
+    """A replication ack delay: [0, 1 s]; a sender drops a peer that
+    acknowledges nothing for 10 s, so a delay must stay far below that."""
+    value = parse_duration(text)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"must be a duration from 0s to 1s, got {text!r}")
+    return value
+
+
 def lease_duration(text):
     """A lease TTL: a duration in [1 s, 300 s] (a keepalive's ttl_ms range)."""
     value = parse_duration(text)
@@ -336,9 +345,14 @@ SETTINGS = (
     Setting("replication-port", port_number, None,
             "Port of the peers' replication listeners (when a Service or firewall maps it); default: the port "
             "each peer reports on /v1/node/status.", env=("METACENTER_REPLICATION_PORT",)),
-    Setting("replication-window", positive_int, 4,
-            "Replication frames sent to a peer and not yet acknowledged, at most.",
+    Setting("replication-window", positive_int, 64,
+            "Replication frames sent to a peer and not yet acknowledged, at most (the peer is asked to "
+            "acknowledge at half of it).",
             env=("METACENTER_REPLICATION_WINDOW",)),
+    Setting("replication-ack-delay", ack_delay, 0.02,
+            "How long this node may hold back the acknowledgement of a peer's replication frames, to cover "
+            "more of them with one (at most 1s); 0: one per network read.",
+            env=("METACENTER_REPLICATION_ACK_DELAY",)),
     Setting("replication-log-capacity", positive_int, 200000,
             "Events the replication log holds; a peer further behind needs a repair (anti-entropy).",
             env=("METACENTER_REPLICATION_LOG_CAPACITY",)),

@@ -334,16 +334,26 @@ class Metrics:
 
     def stream_metrics(self, streams, replicator):
         """Registers the replication stream's series (``StreamCollector``)
-        and returns the per-peer acknowledgement lag histogram
+        and returns two histograms: the per-peer acknowledgement lag
         (``metacenter_stream_ack_lag_seconds``: per acknowledgement, the
-        age of the oldest event it acknowledged), to observe
-        ``((peer,), seconds)``."""
+        age of the oldest event it acknowledged; it includes the peer's
+        acknowledgement delay), to observe ``((peer,), seconds)``, and the
+        apply lag (``metacenter_stream_apply_lag_seconds``: per frame
+        applied here, the seconds from its oldest event's append on the
+        sender to its application; the two hosts' clock skew is included,
+        negative values count as 0), to observe ``((), seconds)``."""
         self.registry.register(StreamCollector(streams, replicator))
         lag = HistogramFamily("metacenter_stream_ack_lag_seconds",
-                              "Per stream acknowledgement, the age of the oldest event it acknowledged.", ["peer"],
-                              STREAM_LAG_BUCKETS_S)
+                              "Per stream acknowledgement, the age of the oldest event it acknowledged (includes "
+                              "the peer's acknowledgement delay).", ["peer"], STREAM_LAG_BUCKETS_S)
+        apply_lag = HistogramFamily(
+            "metacenter_stream_apply_lag_seconds",
+            "Per replication frame applied by this node, seconds from its oldest event's append on the sending node "
+            "to its application here (wall clocks of two hosts: their skew is included; negative counts as 0).",
+            [], STREAM_LAG_BUCKETS_S)
         self.registry.register(lag)
-        return lag
+        self.registry.register(apply_lag)
+        return lag, apply_lag
 
     def observe_http(self, url, method, status, seconds):
         key = (url, method, status)

@@ -146,9 +146,10 @@ class _Streams:
         self.receiver = None
         self.listener = None
 
-    def listen(self, cfg, reactor, node_id, secrets, apply_frame):
+    def listen(self, cfg, reactor, node_id, secrets, apply_frame, apply_lag=None):
+        observe = (lambda seconds: apply_lag.observe((), seconds)) if apply_lag is not None else None
         self.receiver = ReceiverFactory(node_id, secrets, apply_frame, reactor, own_log_id=self.log.log_id,
-                                        on_gap=self._gap)
+                                        on_gap=self._gap, ack_delay=cfg.replication_ack_delay, observe_lag=observe)
         self.listener = StreamListener(serverFromString(reactor, _replication_listen(cfg)), self.receiver)
 
     def _repair(self, link, skipped):
@@ -288,8 +289,8 @@ def makeService(options, reactor=None):
                             "ip": cfg.max_ip_length, "lease": cfg.max_lease_length},
                            on_too_long=node.field_too_long)
     if streams is not None:
-        streams.listen(cfg, reactor, node_id, secrets, node.apply_frame)
-        streams.lag = node.metrics.stream_metrics(streams, replicator)
+        streams.lag, apply_lag = node.metrics.stream_metrics(streams, replicator)
+        streams.listen(cfg, reactor, node_id, secrets, node.apply_frame, apply_lag)
     api = MetacenterAPI(node, node.metrics, peer_auth=authenticator if authenticator.enabled else None)
 
     top = MultiService()

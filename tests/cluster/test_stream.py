@@ -162,9 +162,9 @@ class Pair:
         self.gaps = []
         self.repairs = []
         self.acks = []
+        self.lags = []  # the receiver's apply lag, per frame
         self.receiver = self.make_receiver(receiver_secrets)
         self.log = ReplicationLog(self.reactor, capacity=capacity)
-        options.setdefault("window", 4)
         self.sender = StreamReplicator(
             self.log, "sender-node", sender_secrets, self.reactor,
             lambda peer: TCP4ClientEndpoint(self.reactor, peer[0], peer[1]),
@@ -178,7 +178,8 @@ class Pair:
 
     def make_receiver(self, secrets, port=PORT):
         receiver = ReceiverFactory("receiver-node", secrets, self.frames.append, self.reactor,
-                                   on_gap=lambda node, log_id, skipped: self.gaps.append(skipped))
+                                   on_gap=lambda node, log_id, skipped: self.gaps.append(skipped),
+                                   observe_lag=self.lags.append)
         self.reactor.listenTCP(port, receiver)
         return receiver
 
@@ -203,6 +204,13 @@ class Pair:
         self.pump.clientIO.loseConnection()
         self.pump.flush()
 
+    def settle(self):
+        """Delivers what is on the wire, lets the receiver's ack delay pass
+        and delivers its acknowledgement."""
+        self.pump.flush()
+        self.reactor.advance(self.receiver.ack_delay)
+        self.pump.flush()
+
     def retry(self):
         """Lets the back-off pass and completes the next connection."""
         self.reactor.advance(self.sender.backoff_max + 0.01)
@@ -215,11 +223,12 @@ def test_events_stream_after_an_authenticated_handshake():
     pair.connect()
     assert pair.link.connected and pair.link.fresh_starts == 1
     assert pair.applied_ids() == ["r0", "r1", "r2"]
+    pair.settle()
     assert pair.link.cursor.acked == 3 and pair.link.lag_events() == 0
     assert pair.receiver.applied[pair.log.log_id] == 3
     assert (pair.receiver.frames, pair.receiver.events, pair.receiver.rejected) == (1, 3, 0)
     assert pair.link.frames_sent == 1 and pair.link.events_sent == 3 and pair.link.bytes_sent > 0
-    assert pair.acks == [(3, 0.0)]
+    assert pair.acks == [(3, pytest.approx(stream.ACK_DELAY))]  # acknowledged after the receiver's delay
 
 
 def test_events_leave_at_the_end_of_the_turn_they_were_appended_in():
@@ -418,7 +427,12 @@ def test_a_handshake_bigger_than_its_limit_closes_the_connection():
 
 
 @pytest.mark.parametrize("hello, reason", [
-    ({"v": 2, "node": "x", "log": "0" * 32, "nonce": "1" * 32}, "unsupported stream version 2"),
+    ({"v": 3, "max_v": 4, "node": "x", "log": "0" * 32, "nonce": "1" * 32},
+     "unsupported stream version 3..4, this node speaks 1..2"),
+    ({"v": 1, "max_v": True, "node": "x", "log": "0" * 32, "nonce": "1" * 32},
+     "fields 'v' and 'max_v' must be integers with v <= max_v"),
+    ({"v": 1, "max_v": 2, "node": "x", "log": "0" * 32, "nonce": "1" * 32, "ack_bytes": 1},
+     "field 'ack_frames' must be an integer in [1, 2147483647]"),
     ({"v": 1, "node": "", "log": "0" * 32, "nonce": "1" * 32}, "field 'node' must be a printable string"),
     ({"v": 1, "node": "x", "log": "0" * 31, "nonce": "1" * 32}, "field 'log' must be 32 lowercase hex digits"),
     ({"v": 1, "node": "x", "log": "0" * 32, "nonce": True}, "field 'nonce' must be 32 lowercase hex digits"),
@@ -474,7 +488,7 @@ def test_a_short_outage_resumes_from_the_receivers_offset_without_repair():
     pair = Pair(max_frame_events=10)
     pair.connect()
     pair.append(0, 30)
-    pair.pump.flush()
+    pair.settle()
     pair.append(30, 25)
     pair.reactor.advance(0)  # frames in flight ...
     pair.cut(lose_in_flight=True)  # ... lost with the connection
@@ -503,7 +517,7 @@ def test_a_restarted_receiver_gets_everything_since_its_last_ack():
     pair = Pair()
     pair.connect()
     pair.append(0, 10)
-    pair.pump.flush()
+    pair.settle()
     pair.cut()
     pair.append(10, 5)
     pair.reactor.tcpServers.clear()
@@ -577,7 +591,7 @@ def test_a_peer_away_longer_than_the_log_is_repaired_and_told_of_the_gap():
     pair = Pair(capacity=20)
     pair.connect()
     pair.append(0, 5)
-    pair.pump.flush()
+    pair.settle()
     pair.cut()
     pair.append(5, 30)  # the cursor (5) falls off the 20-entry log
     assert pair.repairs == [20] and pair.link.repairs == 1 and pair.log.fell_behind == 1
@@ -611,7 +625,7 @@ def test_a_frame_with_an_invalid_event_applies_the_others_and_the_sender_hears_o
     pair.append(0, 1)
     pair.log.append_encoded(b'["load.stats.set","c","bad","10.0.0.1",true,null]')
     pair.append(1, 1)
-    pair.pump.flush()
+    pair.settle()
     assert pair.applied_ids() == ["r0", "r1"]
     assert pair.receiver.rejected == 1 and pair.link.rejected == 1
     assert pair.link.cursor.acked == 3  # acknowledged all the same: resending would not help
@@ -622,7 +636,7 @@ def test_an_error_in_apply_frame_is_logged_and_does_not_stop_the_stream():
     pair.receiver.apply_frame = lambda events: 1 / 0
     pair.connect()
     pair.append(0, 2)
-    pair.pump.flush()
+    pair.settle()
     assert pair.receiver.apply_errors == 1 and pair.link.connected and pair.link.cursor.acked == 2
 
 
@@ -680,6 +694,7 @@ def test_stopping_sends_what_is_pending_then_closes():
     stopped = pair.sender.stopService()  # before the turn's flush
     pair.pump.flush()
     assert pair.applied_ids() == ["r0", "r1", "r2"]
+    pair.settle()  # acknowledged after the receiver's delay
     pair.reactor.advance(0.01)  # the drain sees everything acknowledged
     pair.pump.flush()
     assert stopped.called and not pair.link.connected and pair.sender.links == {}

@@ -56,6 +56,18 @@ async def wait_streaming(cluster, nodes, count):
         await task.deferLater(reactor, 0.1, lambda: None)
 
 
+async def wait_acknowledged(cluster, nodes):
+    """Until every node's peers acknowledged everything (receivers hold
+    acknowledgements back for up to their ack delay); the statuses."""
+    deadline = time.monotonic() + CONVERGENCE_DEADLINE
+    while True:
+        statuses = [await cluster.status(node) for node in nodes]
+        if all(p.get("lag_events") == 0 for s in statuses for p in s["peers"]):
+            return statuses
+        assert time.monotonic() < deadline, json.dumps([s["peers"] for s in statuses])
+        await task.deferLater(reactor, 0.05, lambda: None)
+
+
 async def run_as_gateways(ops, nodes, truth, concurrency=40):
     """Send every operation through ``metacenter.client.AsyncClient`` over
     ``nodes``, as the gateways do: a cluster's adds go to the node of
@@ -121,13 +133,14 @@ async def test_three_nodes_converge_over_the_stream_after_thousands_of_mixed_ope
     async def totals():
         return [sum([await metric(streams, node, name) for node in streams.nodes])
                 for name in ("metacenter_stream_received_events_total", "metacenter_stream_events_sent_total",
-                             "metacenter_stream_frames_sent_total", "metacenter_replication_events_sent_total")]
+                             "metacenter_stream_frames_sent_total", "metacenter_replication_events_sent_total",
+                             "metacenter_stream_received_frames_total", "metacenter_stream_apply_lag_seconds_count")]
 
-    received_before, sent_before, frames_before, acked_before = await totals()
+    received_before, sent_before, frames_before, acked_before, applied_before, lags_before = await totals()
     placed = await run_as_gateways(ops, streams.nodes, truth)
     assert len(placed) == len(streams.nodes) and min(placed.values()) > 0, placed
     await streams.wait_converged(streams.nodes, clusters, truth)
-    statuses = [await streams.status(node) for node in streams.nodes]
+    statuses = await wait_acknowledged(streams, streams.nodes)
     assert len({json.dumps({c: s["digest"][c] for c in clusters}, sort_keys=True) for s in statuses}) == 1
     for node, status in zip(streams.nodes, statuses):
         for peer in status["peers"]:
@@ -135,12 +148,15 @@ async def test_three_nodes_converge_over_the_stream_after_thousands_of_mixed_ope
             assert peer["repairs"] == 0 and peer["rejected"] == 0 and peer["lag_events"] == 0, peer
         assert await metric(streams, node, "metacenter_stream_received_gaps_total") == 0
         assert await metric(streams, node, "metacenter_stream_received_rejected_events_total") == 0
-    received, sent, frames, acked = await totals()
+    received, sent, frames, acked, applied, lags = await totals()
     # Each operation was accepted by one node and streamed to the two others,
     # once: no HTTP batch, no resend. The replication series that dashboards
     # read count the stream's acknowledged events.
     assert received - received_before == sent - sent_before == acked - acked_before == 2 * len(ops)
     assert 0 < frames - frames_before <= sent - sent_before
+    # Every frame applied was timed (stream version 2 between these nodes).
+    assert lags - lags_before == applied - applied_before == frames - frames_before
+    assert all(p["version"] == 2 for s in statuses for p in s["peers"])
 
 
 @pytest_twisted.ensureDeferred
