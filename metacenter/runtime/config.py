@@ -283,6 +283,9 @@ SETTINGS = (
     Setting("max-requests", positive_int, 2000000,
             "In-flight requests of the node at most; a client's add of one more gets 429.",
             env=("METACENTER_MAX_REQUESTS",)),
+    Setting("max-leases", positive_int, 10000,
+            "Gateway leases at most (one per gateway instance); a client's keepalive or add that would start one "
+            "more gets 429 (renewals always pass).", env=("METACENTER_MAX_LEASES",)),
     # -- the KV-cache index (docs/cache.md) ---------------------------------------
     Setting("cache-engine-blocks", positive_int, 16384,
             "KV-cache blocks (512 prompt bytes each) remembered per engine; the least recently used go first.",

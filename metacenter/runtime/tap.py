@@ -281,7 +281,8 @@ def makeService(options, reactor=None):
                       lease_ttl=cfg.lease_ttl,
                       count_limits=CountLimits(max_clusters=cfg.max_clusters,
                                                max_engines_per_cluster=cfg.max_engines_per_cluster,
-                                               max_engines=cfg.max_engines, max_requests=cfg.max_requests),
+                                               max_engines=cfg.max_engines, max_requests=cfg.max_requests,
+                                               max_leases=cfg.max_leases),
                       replication=streams.status if streams is not None else None,
                       log_position=streams.log.position if streams is not None else None)
     fields.set_max_lengths({"request_id": cfg.max_request_id_length, "cluster": cfg.max_cluster_length,

@@ -188,3 +188,11 @@ def test_values_are_read_only_attributes():
     assert resolved.listen == "tcp:8080"
     with pytest.raises(AttributeError):
         resolved.no_such_setting
+
+
+def test_max_leases_from_the_command_line_the_environment_or_its_default():
+    assert config.resolve({}, {}).max_leases == 10_000
+    assert config.resolve({}, {"METACENTER_MAX_LEASES": "5"}).max_leases == 5
+    assert config.resolve({"max-leases": "7"}, {"METACENTER_MAX_LEASES": "5"}).max_leases == 7
+    with pytest.raises(config.ConfigError, match="--max-leases"):
+        config.resolve({"max-leases": "0"}, {})
