@@ -61,6 +61,14 @@ def positive_duration(text):
     return value
 
 
+def duration_or_off(text):
+    """A duration, or 0 for off."""
+    value = parse_duration(text)
+    if value < 0:
+        raise ValueError(f"must be a duration (0: off), got {text!r}")
+    return value
+
+
 def lease_duration(text):
     """A lease TTL: a duration in [1 s, 300 s] (a keepalive's ttl_ms range)."""
     value = parse_duration(text)
@@ -255,6 +263,9 @@ SETTINGS = (
     Setting("max-connections", positive_int, 10000,
             "Open HTTP connections at most; one more is answered 503 and closed.",
             env=("METACENTER_MAX_CONNECTIONS",)),
+    Setting("gc-freeze-interval", duration_or_off, 60.0,
+            "How often the long-lived objects are frozen out of the garbage collector's full walks (after a young "
+            "collection); 0: only at start and after the warm start.", env=("METACENTER_GC_FREEZE_INTERVAL",)),
     Setting("reactor-lag-interval", positive_duration, 0.05,
             "How often the reactor lag probe ticks (metacenter_reactor_lag_seconds).",
             env=("METACENTER_REACTOR_LAG_INTERVAL",)),
