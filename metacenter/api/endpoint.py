@@ -116,9 +116,11 @@ def _write_pieces(request, pieces):
     """The body of ``pieces`` (a list of bytes): joined if small, else
     written in pieces with its Content-Length (a Deferred firing with b"")."""
     size = sum(map(len, pieces))
+    # Also for a small body answered in a later turn (a Deferred's result),
+    # which twisted.web would otherwise send chunked.
+    request.setHeader(b"Content-Length", b"%d" % size)
     if size <= JOIN_AT_MOST:
         return b"".join(pieces)
-    request.setHeader(b"Content-Length", b"%d" % size)
     return _PiecesWriter(request, pieces).start()
 
 

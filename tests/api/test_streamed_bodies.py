@@ -150,5 +150,5 @@ def test_small_pieces_are_joined_and_written_at_once():
 
     request = Request()
     assert endpoint._write_pieces(request, [b"a", b"bc", b""]) == b"abc"
-    assert request.headers == {}  # twisted.web sets the Content-Length of a body returned whole
+    assert request.headers == {b"Content-Length": b"3"}
     assert Pieces([b"x"]).content_type is None
