@@ -15,7 +15,10 @@ own:
 and the node's own ``metacenter_reactor_lag_seconds`` histogram (probe tick
 every 10 ms here) is read before and after: the worst lag is the upper bound
 of the highest bucket that got an observation; the number of full
-collections of the cyclic GC meanwhile is read too. The sweep runs every 2 s.
+collections of the cyclic GC meanwhile is read too. The sweep runs every 2 s,
+and the long-lived objects are frozen out of the collector's walks every 5 s
+(``--gc-freeze-interval``, runtime/gcpolicy.py), so the filled state is
+frozen within 5 s of the fill.
 After the main phase, the same probe runs while a peer-like client takes a
 snapshot (``GET /v1/replica/snapshot``) and a digest (``/v1/replica/digest``)
 once a second: those endpoints belong to the cluster layer and are measured
@@ -44,7 +47,7 @@ BATCH = 10_000
 PROBE_INTERVAL = 0.01
 POLL_INTERVAL = 1.0
 TARGET_PAUSE_S = 0.005
-NODE_ARGS = ("--max-body", "4MiB", "--gc-interval", "2s", "--reactor-lag-interval", "10ms")
+NODE_ARGS = ("--max-body", "4MiB", "--gc-interval", "2s", "--reactor-lag-interval", "10ms", "--gc-freeze-interval", "5s")
 
 STATES = (
     ("empty", "empty node", 0, 0, 0),

@@ -5,6 +5,7 @@ import json
 
 import pytest_twisted
 from treq.testing import StubTreq
+from twisted.internet import reactor, task
 from twisted.internet.task import Clock
 
 from metacenter.api.server import MetacenterAPI
@@ -27,10 +28,17 @@ class Harness:
 
     @pytest_twisted.inlineCallbacks
     def call(self, method, path, body=None, raw=None, headers=None):
+        """(response, body bytes). A body built over several reactor turns
+        (api/views.py: /metrics, the overview, the status) is answered
+        later: StubTreq is flushed every turn until the answer is in."""
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        response = yield self.treq.request(method, "http://node" + path, data=data, headers=headers or {})
-        content = yield response.content()
-        return response, content
+        d = self.treq.request(method, "http://node" + path, data=data, headers=headers or {})
+        d.addCallback(lambda response: response.content().addCallback(lambda content: (response, content)))
+        done = []
+        d.addBoth(lambda result: done.append(result) or result)
+        while not done:
+            yield task.deferLater(reactor, 0, self.treq.flush)
+        return (yield d)
 
     def call_json(self, method, path, body=None, raw=None, headers=None):
         d = self.call(method, path, body, raw, headers)

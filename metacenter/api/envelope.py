@@ -140,6 +140,14 @@ def ok_body_raw(data_json, trace_id):
         _dumps(trace_id).encode("utf-8") + b"}"
 
 
+def ok_parts(data_pieces, trace_id):
+    """An OK envelope around data already serialised in pieces (a list of
+    bytes whose concatenation is the JSON of ``data``), as a list of bytes
+    whose concatenation is ``ok_body_raw`` of it: nothing is copied."""
+    return [b'{"status":"OK","error":null,"data":', *data_pieces,
+            b',"trace_id":' + _dumps(trace_id).encode("utf-8") + b"}"]
+
+
 def error_body(error, trace_id):
     """The ERROR envelope of an ``ApiError``, as UTF-8 bytes."""
     return _dumps({

@@ -64,15 +64,18 @@ class CountLimits:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
             setattr(self, name, value)
 
-    def exceeded(self, state, cluster: str, request_id: str, ip: str) -> LimitReached | None:
+    def exceeded(self, state, cluster: str, request_id: str, ip: str, lease: str | None = None) \
+            -> LimitReached | None:
         """What an add of ``request_id`` on engine (``cluster``, ``ip``) to
-        ``state`` (a ``core.load.LoadState``) would take over a limit, as a
-        ``LimitReached`` (not raised), or None if it creates nothing over one.
+        ``state`` (a ``core.load.LoadState``), under ``lease`` (a lease name
+        or None), would take over a limit, as a ``LimitReached`` (not
+        raised), or None if it creates nothing over one.
 
         Only what the add would create counts: a duplicate add, an add of a
-        finished request (its tombstone) and an add on a known engine are
-        always within the limits, so a gateway's retries and the traffic of
-        the engines already known go on while the node is full.
+        finished request (its tombstone), an add on a known engine and an
+        add under a lease in the table are always within the limits, so a
+        gateway's retries and the traffic of the engines and gateways
+        already known go on while the node is full.
 
         Clients' adds are refused with it (``check_add``); a peer's events and
         snapshot records are applied anyway and only counted: refusing them
@@ -80,8 +83,15 @@ class CountLimits:
         """
         requests = state.request_count
         # New unless live or finished; a prompt tombstone becomes a request.
-        if requests >= self.max_requests and state.request_state(request_id) in (None, "prompt-tombstone"):
+        # Only a new request starts its lease.
+        new = (requests >= self.max_requests or lease is not None) and \
+            state.request_state(request_id) in (None, "prompt-tombstone")
+        if new and requests >= self.max_requests:
             return LimitReached("requests", self.max_requests, f"this node holds {requests} in-flight requests")
+        if new and lease is not None:
+            reached = self.lease_exceeded(state, lease)
+            if reached is not None:
+                return reached
         known = state.clusters.get(cluster)
         if known is None:
             clusters = len(state.clusters)
@@ -102,6 +112,18 @@ class CountLimits:
         reached = self.exceeded(state, cluster, request_id, ip)
         if reached is not None:
             raise reached
+
+    def lease_exceeded(self, state, lease: str) -> LimitReached | None:
+        """Whether a keepalive of ``lease`` (or an add that names it) would
+        take ``state`` over ``max_leases``: a ``LimitReached`` (not raised)
+        when the table holds that many leases and not this one, else None.
+        A renewal is always admitted, and so is a lease past its deadline
+        still in the table (starting it again ends the old one: the count
+        does not grow)."""
+        count = state.lease_count
+        if count >= self.max_leases and not state.has_lease(lease):
+            return LimitReached("leases", self.max_leases, f"this node holds {count} leases")
+        return None
 
     def check_lease(self, lease_count: int, known: bool) -> None:
         """A client's keepalive (or add) that would start a lease: refused

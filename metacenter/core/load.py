@@ -345,6 +345,11 @@ class LoadState:
         """Leases alive (some may be past their deadline until the next sweep)."""
         return len(self._leases)
 
+    def has_lease(self, name: str) -> bool:
+        """Whether lease ``name`` is in the table (alive, or past its deadline
+        and not ended yet): a keepalive or add naming it adds no lease."""
+        return name in self._leases
+
     @property
     def releasing(self) -> int:
         """Requests of ended leases not yet released (``lease_steps`` does it);

@@ -70,6 +70,14 @@ def ack_delay(text):
     return value
 
 
+def duration_or_off(text):
+    """A duration, or 0 for off."""
+    value = parse_duration(text)
+    if value < 0:
+        raise ValueError(f"must be a duration (0: off), got {text!r}")
+    return value
+
+
 def lease_duration(text):
     """A lease TTL: a duration in [1 s, 300 s] (a keepalive's ttl_ms range)."""
     value = parse_duration(text)
@@ -264,6 +272,9 @@ SETTINGS = (
     Setting("max-connections", positive_int, 10000,
             "Open HTTP connections at most; one more is answered 503 and closed.",
             env=("METACENTER_MAX_CONNECTIONS",)),
+    Setting("gc-freeze-interval", duration_or_off, 60.0,
+            "How often the long-lived objects are frozen out of the garbage collector's full walks (after a young "
+            "collection); 0: only at start and after the warm start.", env=("METACENTER_GC_FREEZE_INTERVAL",)),
     Setting("reactor-lag-interval", positive_duration, 0.05,
             "How often the reactor lag probe ticks (metacenter_reactor_lag_seconds).",
             env=("METACENTER_REACTOR_LAG_INTERVAL",)),
@@ -292,6 +303,9 @@ SETTINGS = (
     Setting("max-requests", positive_int, 2000000,
             "In-flight requests of the node at most; a client's add of one more gets 429.",
             env=("METACENTER_MAX_REQUESTS",)),
+    Setting("max-leases", positive_int, 10000,
+            "Gateway leases at most (one per gateway instance); a client's keepalive or add that would start one "
+            "more gets 429 (renewals always pass).", env=("METACENTER_MAX_LEASES",)),
     # -- the KV-cache index (docs/cache.md) ---------------------------------------
     Setting("cache-engine-blocks", positive_int, 16384,
             "KV-cache blocks (512 prompt bytes each) remembered per engine; the least recently used go first.",

@@ -23,6 +23,8 @@ from metacenter import __version__
 # The reference exposes no *_created series; dashboards don't want them.
 disable_created_metrics()
 
+# Young collections take ~10-100 µs; a full one over a big unfrozen state tens of ms.
+GC_PAUSE_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 HTTP_DURATION_BUCKETS_US = (50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000, 1000000)
 REPLICATION_LATENCY_BUCKETS_MS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 # Fine around the 5 ms a reactor pause may last, coarse beyond.
@@ -316,9 +318,21 @@ class Metrics:
             "so replicas agree), by limit.", ["limit"])
         for limit in COUNT_LIMIT_NAMES:
             self.limit_overruns.inc((limit,), 0)
+        # The collector's pauses and freezes (runtime.gcpolicy).
+        self.gc_pause = HistogramFamily(
+            "metacenter_gc_pause_seconds",
+            "Duration of each collection of the cyclic garbage collector, by the oldest generation it walked "
+            "(2: a full collection).", ["generation"], GC_PAUSE_BUCKETS_S)
+        for generation in ("0", "1", "2"):
+            self.gc_pause.series[(generation,)] = [[0] * (len(GC_PAUSE_BUCKETS_S) + 1), 0.0]
+        self.gc_freezes = CountsFamily(
+            "metacenter_gc_freezes",
+            "Times the long-lived objects were frozen out of the collector's walks (at start, after the warm "
+            "start, every --gc-freeze-interval).", [])
+        self.gc_freezes.inc((), 0)
         for family in (self.http_status, self.http_duration, self.replication_latency, self.events, self.reactor_lag,
                        self.http_connections, self.http_refused, self.http_dropped, self.limit_refusals,
-                       self.limit_overruns):
+                       self.limit_overruns, self.gc_pause, self.gc_freezes):
             r.register(family)
 
         Gauge("metacenter_node_alive", "1 while the node runs.", registry=r).set(1)

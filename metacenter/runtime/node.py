@@ -182,21 +182,23 @@ class Node:
                 result = state.delete_prompt(event.request_id)
             changed = result
         else:
-            result, changed, event = self._run_ours(event_type, event)
+            result, changed, event = self._run_ours(event_type, event, origin)
         self.metrics.observe_event(event_type, origin, changed)
         if origin == ORIGIN_CLIENT:
             for listener in self.event_listeners:
                 listener(event_type, event, trace_id)
         return result
 
-    def _run_ours(self, event_type, event):
+    def _run_ours(self, event_type, event, origin=ORIGIN_PEER):
         """(the core's answer, changed, the event to replicate) of a reset,
-        keepalive, revoke or refresh."""
+        keepalive, revoke or refresh. A client's keepalive that would start
+        a lease over ``--max-leases`` raises ``LimitReached`` first."""
         state = self.state
         if event_type == EVENT_ENGINE_RESET:
             result = picking.reset_engine(state, self.cache, event.cluster, event.ip)
             return result, result != (0, 0), event
         if event_type == EVENT_LEASE_KEEPALIVE:
+            self._check_limit(self.limits.lease_exceeded(state, event.lease), origin)
             result = state.keepalive(event.lease, event.ttl_ms)
             return result, True, LeaseKeepalive((event.lease, result["ttl_ms"]))
         if event_type == EVENT_LEASE_REVOKE:
@@ -242,12 +244,18 @@ class Node:
         # The engine the check assumes: an unknown candidate if there is one
         # (the booking may create it), else a known one (it creates none).
         ip = unknown[0] if unknown else ips[0]
-        self._within_limits(LoadAdd((request["cluster"], request["request_id"], ip, 0, None)), ORIGIN_CLIENT)
+        self._within_limits(LoadAdd((request["cluster"], request["request_id"], ip, 0, None, 0,
+                                     request.get("lease"))), ORIGIN_CLIENT)
 
     def _within_limits(self, event, origin):
         """Refuse a client's add over a count limit (``LimitReached``, before
         anything changed); a peer's is applied anyway, and counted."""
-        reached = self.limits.exceeded(self.state, event.cluster, event.request_id, event.ip)
+        self._check_limit(self.limits.exceeded(self.state, event.cluster, event.request_id, event.ip, event.lease),
+                          origin)
+
+    def _check_limit(self, reached, origin):
+        """``reached`` (a ``LimitReached`` or None): raised for a client's
+        event, counted and logged (throttled) either way."""
         if reached is None:
             return
         if origin != ORIGIN_CLIENT:
@@ -257,8 +265,9 @@ class Node:
                                   "or they admitted it meanwhile", reason=reached.reason, limit=reached.limit)
             return
         self.metrics.limit_refusals.inc((reached.limit,))
-        self._limits_log.emit(reached.limit, None, "warn", "refusing clients' adds: {reason}",
-                              reason=reached.reason, limit=reached.limit)
+        self._limits_log.emit(reached.limit, None, "warn", "refusing clients' adds{also}: {reason}",
+                              also=" and keepalives" if reached.limit == "leases" else "", reason=reached.reason,
+                              limit=reached.limit)
         raise reached
 
     def field_too_long(self, error):
@@ -343,7 +352,9 @@ class Node:
                                        prompt_tokens, lease)
 
     def merge_lease(self, lease, ttl_ms, expires_in_ms):
-        """A lease alive on a peer (its snapshot): alive here at least as long."""
+        """A lease alive on a peer (its snapshot): alive here at least as long
+        (over ``--max-leases`` too: counted as an overrun)."""
+        self._check_limit(self.limits.lease_exceeded(self.state, lease), ORIGIN_PEER)
         return self.state.apply_lease(lease, ttl_ms, expires_in_ms)
 
     def merge_tombstone(self, request_id, kind):

@@ -33,6 +33,7 @@ from metacenter.cluster.stream import ReceiverFactory, StreamListener, StreamRep
 from metacenter.core.replog import ReplicationLog
 from metacenter.runtime import config as config_module
 from metacenter.runtime import logs
+from metacenter.runtime.gcpolicy import GcPolicy
 from metacenter.runtime.node import Readiness, build_node
 from metacenter.runtime.periodic import Periodic
 from metacenter.runtime.reactorlag import LagProbe
@@ -201,6 +202,7 @@ def _add_cluster_services(top, cfg, node, replicator, client, reactor, verdicts,
     StallWatch(reactor, anti_entropy.isolation_threshold,
                lambda since, seconds: warm_start.resync(since, f"this process did not run for {seconds:.0f} s")
                ).setServiceParent(top)
+    return warm_start
 
 
 class ListenFailed(Exception):
@@ -282,7 +284,8 @@ def makeService(options, reactor=None):
                       lease_ttl=cfg.lease_ttl,
                       count_limits=CountLimits(max_clusters=cfg.max_clusters,
                                                max_engines_per_cluster=cfg.max_engines_per_cluster,
-                                               max_engines=cfg.max_engines, max_requests=cfg.max_requests),
+                                               max_engines=cfg.max_engines, max_requests=cfg.max_requests,
+                                               max_leases=cfg.max_leases),
                       replication=streams.status if streams is not None else None,
                       log_position=streams.log.position if streams is not None else None)
     fields.set_max_lengths({"request_id": cfg.max_request_id_length, "cluster": cfg.max_cluster_length,
@@ -309,10 +312,16 @@ def makeService(options, reactor=None):
     Periodic(LEASE_INTERVAL, node.lease_timer.run, what="lease expiry", clock=reactor,
              log=logs.logger("metacenter.runtime.sweeper")).setServiceParent(top)
 
-    _add_cluster_services(top, cfg, node, replicator, client, reactor, verdicts, streams)
+    warm_start = _add_cluster_services(top, cfg, node, replicator, client, reactor, verdicts, streams)
 
-    # Everything built so far lives as long as the process: move it out of the
-    # cyclic collector's way, so full collections only walk what is new.
-    gc.collect()
-    gc.freeze()
+    # Long-lived objects out of the cyclic collector's full walks
+    # (runtime/gcpolicy.py): what is built so far, the state a warm start
+    # imports, then every --gc-freeze-interval what survived since.
+    gc_policy = GcPolicy().observe_to(node.metrics).install()
+    warm_start.when_done().addBoth(lambda result: gc_policy.freeze("warm start") or result)
+    if cfg.gc_freeze_interval > 0:
+        Periodic(cfg.gc_freeze_interval, gc_policy.periodic, what="gc freeze", clock=reactor, now=False,
+                 log=logs.logger("metacenter.runtime.gcpolicy")).setServiceParent(top)
+    gc.collect()  # a small process yet: the one full collection it needs
+    gc_policy.freeze("start")
     return top

@@ -188,3 +188,19 @@ def test_values_are_read_only_attributes():
     assert resolved.listen == "tcp:8080"
     with pytest.raises(AttributeError):
         resolved.no_such_setting
+
+
+def test_max_leases_from_the_command_line_the_environment_or_its_default():
+    assert config.resolve({}, {}).max_leases == 10_000
+    assert config.resolve({}, {"METACENTER_MAX_LEASES": "5"}).max_leases == 5
+    assert config.resolve({"max-leases": "7"}, {"METACENTER_MAX_LEASES": "5"}).max_leases == 7
+    with pytest.raises(config.ConfigError, match="--max-leases"):
+        config.resolve({"max-leases": "0"}, {})
+
+
+def test_gc_freeze_interval_may_be_zero_but_not_negative():
+    assert config.resolve({}, {}).gc_freeze_interval == 60.0
+    assert config.resolve({"gc-freeze-interval": "0"}, {}).gc_freeze_interval == 0.0
+    assert config.resolve({}, {"METACENTER_GC_FREEZE_INTERVAL": "5m"}).gc_freeze_interval == 300.0
+    with pytest.raises(config.ConfigError, match="--gc-freeze-interval"):
+        config.resolve({"gc-freeze-interval": "-1s"}, {})
