@@ -76,11 +76,13 @@ _SHARD_MASK = SHARDS - 1
 # How far updated_time stamps may run ahead of the clock (see _stamp).
 _STAMP_SLACK_NS = 1_000_000
 
-# Entries one expiry step looks at: a few milliseconds of reactor time.
-EXPIRE_CHUNK = 2000
+# Entries one expiry step looks at: ~3.5 us apiece when a whole gateway's
+# requests expire at once, so a step stays near a millisecond (2,000 was
+# ~6 ms a step, measured at 300k expiring requests).
+EXPIRE_CHUNK = 250
 # Requests one lease release step ends: each touches its engine (a release
 # is a change a gateway reads), about 5 us apiece, so fewer than expiry's.
-RELEASE_CHUNK = 500
+RELEASE_CHUNK = 200
 
 
 class ShardedDict:
