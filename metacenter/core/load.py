@@ -85,34 +85,49 @@ EXPIRE_CHUNK = 250
 RELEASE_CHUNK = 200
 
 
+_MISSING = object()
+
+
 class ShardedDict:
     """The part of the dict interface the table uses, over ``SHARDS`` dicts
     chosen by key hash. Each shard keeps insertion order."""
 
-    __slots__ = ("shards",)
+    __slots__ = ("shards", "size")
 
     def __init__(self):
         self.shards = tuple({} for _ in range(SHARDS))
+        # Kept here, not summed over the shards: the request limit reads it on
+        # every add. Code that mutates a shard directly (the sweep's hot
+        # loops) adjusts it too.
+        self.size = 0
 
     def get(self, key: str, default: object = None) -> object:
         """``dict.get`` on the key's shard."""
         return self.shards[hash(key) & _SHARD_MASK].get(key, default)
 
     def pop(self, key: str, default: object = None) -> object:
-        """``dict.pop`` on the key's shard."""
-        return self.shards[hash(key) & _SHARD_MASK].pop(key, default)
+        """``dict.pop`` on the key's shard, ``default`` when it is absent."""
+        value = self.shards[hash(key) & _SHARD_MASK].pop(key, _MISSING)
+        if value is _MISSING:
+            return default
+        self.size -= 1
+        return value
 
     def __contains__(self, key):
         return key in self.shards[hash(key) & _SHARD_MASK]
 
     def __setitem__(self, key, value):
-        self.shards[hash(key) & _SHARD_MASK][key] = value
+        shard = self.shards[hash(key) & _SHARD_MASK]
+        if key not in shard:
+            self.size += 1
+        shard[key] = value
 
     def __delitem__(self, key):
         del self.shards[hash(key) & _SHARD_MASK][key]
+        self.size -= 1
 
     def __len__(self):
-        return sum(map(len, self.shards))
+        return self.size
 
     def __iter__(self):
         for shard in self.shards:
@@ -929,6 +944,7 @@ class LoadState:
                 engine = engines.get((packed >> _ENGINE_SHIFT) & _LOW32)
                 if engine is None:
                     del shard[request_id]
+                    self._requests.size -= 1
                     now = self._now()
                     self._finish(request_id, packed, now, TOMB_RELEASED, False)
                     if released is not None:
@@ -1005,13 +1021,15 @@ class LoadState:
             # even when events arrived between steps.
             step_now = self._now()
             tomb = (int(step_now) << 2) | TOMB_DELETED
-            tomb_shards = self._tombstones.shards
+            requests, tombstones = self._requests, self._tombstones
+            tomb_shards = tombstones.shards
             engines = self._engines
             removed = 0
             for shard, request_id, packed in due:  # the shard dicts directly: a hot loop
                 if shard.get(request_id) != packed:
                     continue  # a straggler also met at the front, already gone (or refreshed)
                 del shard[request_id]
+                requests.size -= 1
                 engine = engines.get(_engine_id(packed))
                 if engine is None or (packed >> _LEASE_SHIFT) & _LOW32:
                     # Rare: a reset engine's request, or one under a lease.
@@ -1019,7 +1037,8 @@ class LoadState:
                     removed += engine is not None
                     continue
                 tomb_shard = tomb_shards[hash(request_id) & _SHARD_MASK]
-                tomb_shard.pop(request_id, None)
+                if tomb_shard.pop(request_id, None) is None:
+                    tombstones.size += 1
                 tomb_shard[request_id] = tomb
                 self._release(engine, request_id, packed, None)
                 removed += 1

@@ -667,3 +667,38 @@ def test_a_chunked_sweep_equals_a_full_sweep(operations, chunk, sweep_after):
     assert sum(c.live for c in full.clusters.values()) == full.request_count
     # Nothing due is left behind.
     assert list(full.expire(chunk=chunk)) == []
+
+
+def test_sharded_dict_size_follows_every_mutation_path():
+    """The request and tombstone counts are kept, not summed over the shards
+    (the request limit reads them on every add): after adds, deletes, prompt
+    deletes, an engine reset, a walk that releases and a sweep that expires,
+    each count equals what the shards hold."""
+    clock = Clock()
+    clock.advance(1_000_000)
+    state = LoadState(clock)
+
+    def check():
+        for table in (state._requests, state._tombstones):
+            assert len(table) == sum(map(len, table.shards))
+
+    for i in range(3000):
+        state.add(f"c{i % 7}", f"r{i}", f"10.0.0.{i % 5}", 10)
+    check()
+    for i in range(0, 3000, 3):
+        state.delete(f"r{i}")
+    for i in range(1, 3000, 3):
+        state.delete_prompt(f"r{i}")
+    state.delete_prompt("never-added")
+    check()
+    state.reset_engine("c1", "10.0.0.1")
+    for _ in state.iter_requests(released=[]):
+        pass
+    check()
+    clock.advance(state.request_expire + 1)
+    state.expire_all()
+    check()
+    clock.advance(state.tombstone_ttl + state.request_expire + 1)
+    state.expire_all()
+    check()
+    assert state.request_count == 0
