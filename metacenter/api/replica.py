@@ -19,7 +19,7 @@ that read the state are ``ready=True`` (503 during the warm start).
 from json.encoder import encode_basestring
 
 from metacenter.api import bodies
-from metacenter.api.endpoint import Raw, endpoint
+from metacenter.api.endpoint import Pieces, endpoint
 from metacenter.api.envelope import ApiError
 from metacenter.api.views import TURN_BUDGET, Render, _Pieces
 from metacenter.cluster.antientropy import (ADOPTED, BUCKETS, PEER_DELETE, PEER_PROMPT, UNRESOLVED, bucket_digests,
@@ -65,9 +65,8 @@ class DigestRender(Render):
                 pieces.seal()
                 yield
                 parts = pieces.parts
-        if self.later_steps:  # a big body: the join below (a copy of all of it) gets a step of its own
-            yield
-        return Raw(pieces.value(b'{"time":%d,"clusters":{' % now_ns, b"}}"))
+        # Never joined whole: written piece by piece (``endpoint.Pieces``).
+        return Pieces(pieces.items(b'{"time":%d,"clusters":{' % now_ns, b"}}"))
 
 
 class ReplicaRoutes:
