@@ -256,8 +256,16 @@ def measure_state(key, label, clusters, engines, requests, seconds, cores, log, 
                          "errors": clients["console"]["errors"]},
         "node_cpu_util": cpu / seconds,
         "peer_polls": {"seconds": peer_seconds, "reactor_lag": lag_between(after, after_peer),
-                       "probe": _pcts(peer["probe"]["latencies"]), "poll": _pcts(peer["peer"]["seconds"])},
+                       "probe": _pcts(peer["probe"]["latencies"]),
+                       "poll": {**_pcts(peer["peer"]["seconds"]), "errors": peer["peer"]["errors"]}},
     }
+    # A poll answered with an error is cheap and would flatter the figures.
+    failed = {name: n for name, n in (("probe", probe["errors"]), ("scraper", clients["scraper"]["errors"]),
+                                      ("console", clients["console"]["errors"]),
+                                      ("peer probe", peer["probe"]["errors"]), ("peer", peer["peer"]["errors"]))
+              if n}
+    if failed:
+        raise RuntimeError(f"{label}: requests failed during the measurement: {failed}")
     lag = result["reactor_lag"]
     log(f"  worst reactor lag <= {lag['worst_le_s'] * 1e3 if lag['worst_le_s'] else 0:g} ms "
         f"({lag['ticks_above_5ms']} of {lag['ticks']} ticks above 5 ms, {lag['full_gc_collections']} full GC "
