@@ -34,7 +34,6 @@ import http.client
 import json
 import multiprocessing
 import os
-import statistics
 import sys
 import time
 

@@ -6,6 +6,7 @@ import json
 import pytest_twisted
 from treq.testing import StubTreq
 from twisted.internet import reactor, task
+from twisted.internet.base import DelayedCall
 from twisted.internet.task import Clock
 
 from metacenter.api.server import MetacenterAPI
@@ -55,3 +56,26 @@ class Harness:
             list(self.cache.iter_snapshot()),
             self.cache.queries,
         )
+
+
+class Turns:
+    """The reactor turns in which a node's cooperator runs the steps of big
+    jobs, taken one at a time by ``run()`` (``task.Clock.advance`` would
+    also run every step scheduled meanwhile). Use ``schedule`` as a
+    ``task.Cooperator``'s scheduler."""
+
+    def __init__(self):
+        self._pending = []
+
+    def schedule(self, work):
+        call = DelayedCall(0, work, (), {}, lambda c: self._pending.remove(c), lambda c: None, seconds=lambda: 0)
+        self._pending.append(call)
+        return call
+
+    def run(self):
+        """One turn: the steps scheduled before it; False if there were none."""
+        calls, self._pending = self._pending, []
+        for call in calls:
+            call.called = 1
+            call.func()
+        return bool(calls)

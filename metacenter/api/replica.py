@@ -16,12 +16,9 @@ without a valid signature is refused with 401 before it is read. The ones
 that read the state are ``ready=True`` (503 during the warm start).
 """
 
-from json.encoder import encode_basestring
-
 from metacenter.api import bodies
-from metacenter.api.endpoint import Pieces, endpoint
+from metacenter.api.endpoint import endpoint
 from metacenter.api.envelope import ApiError
-from metacenter.api.views import TURN_BUDGET, Render, _Pieces
 from metacenter.cluster.antientropy import (ADOPTED, BUCKETS, PEER_DELETE, PEER_PROMPT, UNRESOLVED, bucket_digests,
                                             bucket_of, encode_buckets, reconcile)
 from metacenter.cluster.snapshot import parse_record, parse_tombstone, state_chunks
@@ -32,41 +29,6 @@ from metacenter.runtime.logs import logger
 log = logger("metacenter.replica")
 
 MAX_BATCH_EVENTS = 10000
-
-
-class DigestRender(Render):
-    """``GET /v1/replica/digest``'s data, ``{"time": ns, "clusters": {name:
-    [live, "16 hex digits"]}}`` (compact JSON, clusters in the state's
-    order), built in slices of ``budget`` seconds like the bodies of
-    ``api.views``: at 20,000 clusters the dict of lists built in one go took
-    tens of milliseconds and left 20,000 GC-tracked lists behind. Each
-    cluster is read whole within a step; one removed meanwhile is left out.
-    Polls arriving during a build share it."""
-
-    def __init__(self, node, cooperate, budget=TURN_BUDGET):
-        super().__init__(cooperate, budget)
-        self._node = node
-
-    def steps(self):
-        clock = self.clock
-        state = self._node.state
-        now_ns = int(self._node.clock.seconds() * 1e9)
-        clusters = state.clusters
-        pieces = _Pieces(b",")
-        parts = pieces.parts
-        for name in list(clusters):
-            cluster = clusters.get(name)
-            if cluster is None:
-                continue
-            # encode_basestring: the encoder's own text for a str (ensure_ascii off).
-            parts.append(b'%s:[%d,"%016x"]' % (encode_basestring(name).encode("utf-8"), cluster.live,
-                                                cluster.digest))
-            if clock.spent():
-                pieces.seal()
-                yield
-                parts = pieces.parts
-        # Never joined whole: written piece by piece (``endpoint.Pieces``).
-        return Pieces(pieces.items(b'{"time":%d,"clusters":{' % now_ns, b"}}"))
 
 
 class ReplicaRoutes:
@@ -140,12 +102,9 @@ class ReplicaRoutes:
         """-> ``{"time": ns, "clusters": {name: [live, "16 hex digits"]}}``:
         per cluster the live request count and the XOR of their
         fingerprints (``core.load.request_fingerprint``). Built in slices
-        over reactor turns (``DigestRender``; a Deferred when it takes more
+        over reactor turns (``views.DigestRender``; a Deferred when it takes more
         than one)."""
-        view = self.__dict__.get("digest_view")
-        if view is None:
-            view = self.digest_view = DigestRender(self.node, self.node.cooperate)
-        return view.get()
+        return self.views.digest.get()
 
     @endpoint("/v1/replica/buckets", ["POST"], peer=True, ready=True)
     def replica_buckets(self, request, trace_id):

@@ -1,5 +1,5 @@
 """Bodies that cover the whole state (``/metrics``, ``/v1/load/overview``,
-``/v1/node/status``), produced in slices of bounded reactor time.
+``/v1/node/status``, the peers' ``/v1/replica/digest``), produced in slices of bounded reactor time.
 
 Prometheus scrapes every 15-30 s and the console polls the overview and the
 status every second; at 20,000 clusters a walk over everything in one go
@@ -27,6 +27,7 @@ handing them to the transport at once each blocked the reactor for several
 ms.
 """
 
+from json.encoder import encode_basestring
 from time import perf_counter
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -119,7 +120,6 @@ class Render:
         self._waiting = None  # Deferreds of the requests sharing the build in progress
         self._result = None
         self.clock = None
-        self.later_steps = 0  # steps of the build in progress after the first (0: still in the request's turn)
         self.builds = 0  # how many builds ran (tests)
 
     def get(self):
@@ -130,7 +130,6 @@ class Render:
             self._waiting.append(d)
             return d
         self.builds += 1
-        self.later_steps = 0
         self.clock = _Clock(self._budget)
         gen = self.steps()
         try:
@@ -147,7 +146,6 @@ class Render:
     def _drive(self, gen):
         while True:
             self.clock.restart()
-            self.later_steps += 1
             try:
                 next(gen)
             except StopIteration as done:
@@ -351,12 +349,48 @@ class MetricsRender(Render):
                 *("".join(out).encode("utf-8") for out in lines))
 
 
+class DigestRender(Render):
+    """``GET /v1/replica/digest``'s data, ``{"time": ns, "clusters": {name:
+    [live, "16 hex digits"]}}`` (compact JSON, clusters in the state's
+    order), built in slices of ``budget`` seconds like the bodies of
+    ``api.views``: at 20,000 clusters the dict of lists built in one go took
+    tens of milliseconds and left 20,000 GC-tracked lists behind. Each
+    cluster is read whole within a step; one removed meanwhile is left out.
+    Polls arriving during a build share it."""
+
+    def __init__(self, node, cooperate, budget=TURN_BUDGET):
+        super().__init__(cooperate, budget)
+        self._node = node
+
+    def steps(self):
+        clock = self.clock
+        state = self._node.state
+        now_ns = int(self._node.clock.seconds() * 1e9)
+        clusters = state.clusters
+        pieces = _Pieces(b",")
+        parts = pieces.parts
+        for name in list(clusters):
+            cluster = clusters.get(name)
+            if cluster is None:
+                continue
+            # encode_basestring: the encoder's own text for a str (ensure_ascii off).
+            parts.append(b'%s:[%d,"%016x"]' % (encode_basestring(name).encode("utf-8"), cluster.live,
+                                                cluster.digest))
+            if clock.spent():
+                pieces.seal()
+                yield
+                parts = pieces.parts
+        # Never joined whole: written piece by piece (``endpoint.Pieces``).
+        return Pieces(pieces.items(b'{"time":%d,"clusters":{' % now_ns, b"}}"))
+
+
 class Views:
-    """The three renders of one node (``api.server.MetacenterAPI`` holds one)."""
+    """The renders of one node (``api.server.MetacenterAPI`` holds one)."""
 
     def __init__(self, node, metrics, bodies, budget=TURN_BUDGET):
         cooperate = node.cooperate
         self.overview = OverviewRender(node, bodies, cooperate, budget)
         self.status = StatusRender(node, cooperate, budget)
         self.metrics = MetricsRender(node, metrics.registry, cooperate, budget)
+        self.digest = DigestRender(node, cooperate, budget)
 

@@ -54,7 +54,7 @@ from metacenter.cluster.snapshot import decode_line, parse_record, record_entry
 from metacenter.core import digests as core
 from metacenter.core.digests import (ADOPTED, BUCKETS, HORIZON_FRACTION, MERGED, PEER_DELETE,  # noqa: F401
                                      PEER_PROMPT, SAME, UNRESOLVED, bucket_of, differing_buckets,
-                                     differing_clusters, digests, encode_buckets, isolation_threshold,
+                                     encode_buckets, isolation_threshold,
                                      repair_horizon)
 from metacenter.core.errors import InvalidInput
 from metacenter.runtime.logs import ThrottledLog, logger

@@ -48,7 +48,7 @@ class CountLimits:
     - ``max_engines_per_cluster``: engines of one cluster;
     - ``max_engines``: engines over all clusters (what memory is sized by);
     - ``max_requests``: in-flight (live) requests of the node;
-    - ``max_leases``: gateway leases (``check_lease``).
+    - ``max_leases``: gateway leases (``lease_exceeded``).
     """
 
     __slots__ = ("max_clusters", "max_engines_per_cluster", "max_engines", "max_requests", "max_leases")
@@ -124,10 +124,3 @@ class CountLimits:
         if count >= self.max_leases and not state.has_lease(lease):
             return LimitReached("leases", self.max_leases, f"this node holds {count} leases")
         return None
-
-    def check_lease(self, lease_count: int, known: bool) -> None:
-        """A client's keepalive (or add) that would start a lease: refused
-        with ``LimitReached`` when ``lease_count`` leases are alive already
-        and this one is not ``known``. A renewal is always admitted."""
-        if not known and lease_count >= self.max_leases:
-            raise LimitReached("leases", self.max_leases, f"this node holds {lease_count} leases")

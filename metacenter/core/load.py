@@ -941,7 +941,7 @@ class LoadState:
                 packed = get(request_id)
                 if packed is None:
                     continue
-                engine = engines.get((packed >> _ENGINE_SHIFT) & _LOW32)
+                engine = engines.get(_engine_id(packed))
                 if engine is None:
                     del shard[request_id]
                     self._requests.size -= 1
@@ -951,11 +951,10 @@ class LoadState:
                         released.append((request_id, TOMB_RELEASED, int(now)))
                         yield None
                     continue
-                record = (request_id, engine.cluster, engine.ip, (packed >> _PROMPT_SHIFT) & _LOW31,
-                          bool(packed & _FLAG_PROMPT_DELETED), packed >> _CREATED_SHIFT)
+                record = (request_id, engine.cluster, engine.ip, _prompt(packed), _prompt_deleted(packed),
+                          _created(packed))
                 if full:
-                    record += ((packed >> _TOKENS_SHIFT) & _LOW31,
-                               self._lease_name(packed) if (packed >> _LEASE_SHIFT) & _LOW32 else None)
+                    record += (_tokens(packed), self._lease_name(packed))
                 yield record
 
     def iter_tombstones(self, full: bool = False) -> Iterator[tuple]:

@@ -79,14 +79,15 @@ class GcPolicy:
             self._started = None
             if self._observe_pause is not None:
                 try:
-                    self._observe_pause(_GENERATIONS[info["generation"]], elapsed)
+                    self._observe_pause(str(info["generation"]), elapsed)
                 except Exception:  # a metric must never break a collection
                     pass
 
     # -- freezing -------------------------------------------------------------
 
     def freeze(self, reason="periodic"):
-        """A young collection, then every object left is frozen. O(young
+        """A young collection, then every object left is frozen (also the
+        ``--gc-freeze-interval`` ``Periodic``'s callback). O(young
         objects): the freeze itself splices the generations' lists (~2 µs).
         Never raises (a timer's callback logs its own errors)."""
         try:
@@ -105,10 +106,3 @@ class GcPolicy:
         self._observe_pause = lambda generation, seconds: metrics.gc_pause.observe((generation,), seconds)
         self._on_freeze = lambda: metrics.gc_freezes.inc(())
         return self
-
-    def periodic(self):
-        """The ``Periodic``'s callback (``--gc-freeze-interval``)."""
-        self.freeze("periodic")
-
-
-_GENERATIONS = ("0", "1", "2")

@@ -320,7 +320,7 @@ def makeService(options, reactor=None):
     gc_policy = GcPolicy().observe_to(node.metrics).install()
     warm_start.when_done().addBoth(lambda result: gc_policy.freeze("warm start") or result)
     if cfg.gc_freeze_interval > 0:
-        Periodic(cfg.gc_freeze_interval, gc_policy.periodic, what="gc freeze", clock=reactor, now=False,
+        Periodic(cfg.gc_freeze_interval, gc_policy.freeze, what="gc freeze", clock=reactor, now=False,
                  log=logs.logger("metacenter.runtime.gcpolicy")).setServiceParent(top)
     gc.collect()  # a small process yet: the one full collection it needs
     gc_policy.freeze("start")

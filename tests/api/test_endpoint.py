@@ -12,7 +12,7 @@ import pytest
 import pytest_twisted
 import treq
 from klein import Klein
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 from twisted.logger import globalLogPublisher
 from twisted.web.client import ResponseFailed
 
@@ -64,23 +64,11 @@ def all_routes():
 
 
 class Node(Harness):
-    """A Harness with a cluster secret. ``call`` also serves the routes that
-    answer in a later reactor turn (buckets: chunks on the cooperator), for
-    which StubTreq must be flushed once the answer is written."""
+    """A Harness with a cluster secret."""
 
     def __init__(self, through_klein):
         super().__init__(through_klein=through_klein)
         self.api.peer_auth = auth.PeerAuthenticator(SECRET, self.clock)
-
-    @pytest_twisted.inlineCallbacks
-    def call(self, method, path, body=None, raw=None, headers=None):
-        d = self.treq.request(method, "http://node" + path, data=raw, headers=headers or {})
-        d.addCallback(lambda response: response.content().addCallback(lambda content: (response, content)))
-        done = []
-        d.addBoth(lambda result: done.append(result) or result)
-        while not done:
-            yield task.deferLater(reactor, 0, self.treq.flush)
-        return (yield d)
 
 
 @pytest.fixture(params=["routed", "klein"])

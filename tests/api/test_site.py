@@ -15,39 +15,17 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 import pytest_twisted
 from twisted.internet import reactor, task, threads
-from twisted.internet.base import DelayedCall
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 
+from harness import Turns
 from metacenter.api.server import MetacenterAPI
 from metacenter.api.site import MetacenterSite
 from metacenter.api.views import Views
 from metacenter.runtime.node import build_node
 from metacenter.runtime.turns import _one_step
-
-
-class Turns:
-    """The reactor turns in which the node's cooperator runs the steps of
-    big jobs, taken one at a time by ``run()`` (``task.Clock.advance``
-    would also run every step scheduled meanwhile)."""
-
-    def __init__(self):
-        self._pending = []
-
-    def schedule(self, work):
-        call = DelayedCall(0, work, (), {}, lambda c: self._pending.remove(c), lambda c: None, seconds=lambda: 0)
-        self._pending.append(call)
-        return call
-
-    def run(self):
-        """One turn: the steps scheduled before it; False if there were none."""
-        calls, self._pending = self._pending, []
-        for call in calls:
-            call.called = 1
-            call.func()
-        return bool(calls)
 
 
 class Server:

@@ -12,42 +12,22 @@ import random
 from prometheus_client import CollectorRegistry
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
-from twisted.internet.base import DelayedCall
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from cluster_nodes import LocalNode, clocked, fill
-from metacenter.api.replica import DigestRender
+from harness import Turns
 from metacenter.api.server import MetacenterAPI
 from metacenter.api.site import MetacenterSite
-from metacenter.cluster.antientropy import digests
+from metacenter.api.views import DigestRender
 from metacenter.cluster.snapshot import CHUNK, SnapshotMerger, _encode, record_entry, record_line, state_chunks, \
     tombstone_line
-from metacenter.core.events import EVENT_ADD, EVENT_DELETE, EVENT_PROMPT_DELETE, ORIGIN_PEER, LoadAdd, LoadDelete
 from metacenter.cluster.stream import decode_entries
+from metacenter.core.digests import digests
+from metacenter.core.events import EVENT_ADD, EVENT_DELETE, EVENT_PROMPT_DELETE, ORIGIN_PEER, LoadAdd, LoadDelete
 from metacenter.core.replog import ReplicationLog
 from metacenter.runtime.node import build_node
 from metacenter.runtime.turns import _one_step
-
-
-class Turns:
-    """The reactor turns in which the node's cooperator runs its steps, taken
-    one at a time by ``run()``."""
-
-    def __init__(self):
-        self._pending = []
-
-    def schedule(self, work):
-        call = DelayedCall(0, work, (), {}, lambda c: self._pending.remove(c), lambda c: None, seconds=lambda: 0)
-        self._pending.append(call)
-        return call
-
-    def run(self):
-        calls, self._pending = self._pending, []
-        for call in calls:
-            call.called = 1
-            call.func()
-        return bool(calls)
 
 
 class Server:
@@ -194,7 +174,7 @@ def test_polls_arriving_during_a_digest_build_share_it():
     second.dataReceived(request("GET", "/v1/replica/digest"))
     while server.turns.run():
         pass
-    assert server.api.digest_view.builds == 1
+    assert server.api.views.digest.builds == 1
     (_, a), = responses(first_transport.value())
     (_, b), = responses(second_transport.value())
     assert json.loads(a)["data"] == json.loads(b)["data"]

@@ -55,13 +55,16 @@ def test_engines_over_all_clusters(state):
     limits.check_add(state, "a", "r3", "10.0.0.1")  # a known engine
 
 
-def test_leases_a_renewal_is_always_admitted():
+def test_leases_a_renewal_is_always_admitted(state):
     limits = CountLimits(max_leases=2)
-    limits.check_lease(1, known=False)
-    limits.check_lease(2, known=True)
-    with pytest.raises(LimitReached) as refused:
-        limits.check_lease(2, known=False)
-    assert refused.value.limit == "leases" and "--max-leases" in refused.value.reason
+    state.keepalive("gw-1", 10_000)
+    assert limits.lease_exceeded(state, "gw-2") is None
+    state.keepalive("gw-2", 10_000)
+    assert limits.lease_exceeded(state, "gw-2") is None  # a renewal
+    refused = limits.lease_exceeded(state, "gw-3")
+    assert refused.limit == "leases" and "--max-leases" in refused.reason
+    assert limits.exceeded(state, "a", "r1", "10.0.0.1", lease="gw-3").limit == "leases"  # an add that would start one
+    assert limits.exceeded(state, "a", "r1", "10.0.0.1", lease="gw-1") is None
 
 
 @pytest.mark.parametrize("value", [0, -1, True, 1.5, None])

@@ -97,7 +97,7 @@ def test_the_periodic_step_freezes_what_survived_and_counts_it():
     clock = Clock()
     metrics = Metrics(build_node(clock).state)
     policy = GcPolicy().observe_to(metrics)
-    Periodic(60.0, policy.periodic, what="gc freeze", clock=clock, now=False).startService()
+    Periodic(60.0, policy.freeze, what="gc freeze", clock=clock, now=False).startService()
     try:
         kept = [{"n": i} for i in range(1000)]  # tracked, alive, not frozen yet
         before = gc.get_freeze_count()
