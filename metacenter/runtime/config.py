@@ -304,8 +304,8 @@ SETTINGS = (
             "In-flight requests of the node at most; a client's add of one more gets 429.",
             env=("METACENTER_MAX_REQUESTS",)),
     Setting("max-leases", positive_int, 10000,
-            "Gateway leases at most (one per gateway instance); a client's keepalive or add that would start one "
-            "more gets 429 (renewals always pass).", env=("METACENTER_MAX_LEASES",)),
+            "Gateway leases at most (one per gateway instance); a client's keepalive, add or pick that would start "
+            "one more gets 429 (renewals always pass).", env=("METACENTER_MAX_LEASES",)),
     # -- the KV-cache index (docs/cache.md) ---------------------------------------
     Setting("cache-engine-blocks", positive_int, 16384,
             "KV-cache blocks (512 prompt bytes each) remembered per engine; the least recently used go first.",
