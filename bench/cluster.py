@@ -179,7 +179,7 @@ def micro(log, events=60_000):
     from twisted.internet import task
     from twisted.internet.testing import StringTransport
 
-    from metacenter.cluster.stream import decode_entries
+    from metacenter.cluster.stream import WINDOW, decode_entries
     from metacenter.core.events import EVENT_ADD, EVENT_DELETE, EVENT_PROMPT_DELETE, LoadAdd, LoadDelete
     from metacenter.core.replog import ReplicationLog
     from metacenter.runtime.node import build_node
@@ -221,7 +221,7 @@ def micro(log, events=60_000):
             for event_type, event in typed[k:k + size]:
                 log_.append(event_type, event)
             for cursor, transport in zip(cursors, transports):
-                span = cursor.next_frame(4, 4096, 2**20)
+                span = cursor.next_frame(WINDOW, 4096, 2**20)  # the stream's default window
                 payload = log_.frame(*span)
                 transport.writeSequence((b"\0\0\0\0", b"F" + b"\0" * 12, payload))
                 cursor.ack(span[1])
