@@ -100,6 +100,9 @@ class ReplicaRoutes:
             applied = unchanged = 0
             rejected = []
             for index, item in enumerate(events):
+                # Each event is freed in its own step: freeing 10,000 parsed
+                # events at the end took ~4 ms in one turn.
+                events[index] = None
                 if spent():
                     yield
                 try:
@@ -169,7 +172,9 @@ class ReplicaRoutes:
         # As envelope.dumps(encode_buckets(found)) would write it, in groups of
         # clusters (one per step), never joined.
         items, parts = [b"{"], []
-        for cluster, buckets in found[0].items():
+        found = found[0]
+        for cluster in list(found):
+            buckets = found.pop(cluster)  # freed as it goes: 100,000 buckets freed at once took tens of ms
             parts.append(envelope.dumps(cluster) + b":{" + b",".join(
                 [b'"%d":[%d,"%016x"]' % (bucket, live, digest) for bucket, (live, digest) in buckets.items()]) + b"}")
             if spent():
@@ -202,7 +207,8 @@ class ReplicaRoutes:
             raise InvalidInput("fields 'records' and 'tombstones' must be arrays")
         node = self.node
         rejected = 0
-        for item in tombstones:
+        for index, item in enumerate(tombstones):
+            tombstones[index] = None  # freed as it goes, not all at the end (as the batch's events)
             try:
                 node.merge_tombstone(*parse_tombstone(item))
             except InvalidInput:
@@ -211,7 +217,8 @@ class ReplicaRoutes:
                 yield
         answer = {"deleted": [], "prompt_deleted": [], "adopted": 0, "unresolved": 0}
         now = node.clock.seconds()
-        for item in records:
+        for index, item in enumerate(records):
+            records[index] = None
             if spent():
                 yield
             try:
