@@ -45,6 +45,20 @@ class Budget:
         return perf_counter() >= self.deadline
 
 
+def steps(gen, budget, out):
+    """The steps of the generator ``gen`` (for a cooperator: one ``next()``
+    per reactor turn), ``budget`` (a ``Budget``) restarted before each;
+    ``gen``'s return value is appended to the list ``out``."""
+    while True:
+        budget.restart()
+        try:
+            yielded = next(gen)
+        except StopIteration as done:
+            out.append(done.value)
+            return
+        yield yielded
+
+
 class Reader:
     """Reads a JSON text member by member (the stdlib's own scanners, in C),
     so that a big object can be read a few members per reactor turn; any
