@@ -21,11 +21,11 @@ from itertools import chain
 from metacenter.api import bodies, envelope
 from metacenter.api.endpoint import Pieces, endpoint
 from metacenter.api.envelope import ApiError
+from metacenter.api.views import TURN_BUDGET
 from metacenter.cluster.antientropy import (ADOPTED, BUCKETS, PEER_DELETE, PEER_PROMPT, UNRESOLVED, bucket_digests,
                                             bucket_of, reconcile)
 from metacenter.cluster.snapshot import parse_record, parse_tombstone, state_chunks
 from metacenter.core.errors import InvalidInput
-from metacenter.api.views import TURN_BUDGET
 from metacenter.core.events import EVENT_CACHE_SAVE, LOAD_EVENT_TYPES, ORIGIN_PEER, TRUTH_EVENT_TYPES
 from metacenter.jsonsteps import Budget, steps
 from metacenter.runtime.logs import logger
