@@ -17,6 +17,7 @@ from metacenter.core.events import (EVENT_ADD, EVENT_ENGINE_RESET, EVENT_LEASE_K
 from metacenter.core.fields import (INT32_MAX, canonical_ip, check_length, int_field, ip_value, json_type,
                                     required_string, timestamp_field, uint64_list)
 from metacenter.core.leases import REFRESH_MAX_ITEMS, lease_name, lease_ttl_ms
+from metacenter import jsonsteps
 from metacenter.api.envelope import invalid, invalid_json
 
 _loads = json.JSONDecoder().decode
@@ -32,21 +33,32 @@ class _TooManyDigits:
         self.digits = digits
 
 
-def _too_many_digits_reason(text):
-    """The reason for a body with an over-long integer, naming where it is.
-    Parsed again with a hook on integers: only on this refusal, since a hook
-    makes every integer of every body a Python call."""
+def _digits_decoder():
+    """A decoder that parses an over-long integer as ``_TooManyDigits``."""
     limit = sys.get_int_max_str_digits()
 
     def parse_int(digits):
         length = len(digits.lstrip("-"))
         return _TooManyDigits(length) if limit and length > limit else int(digits)
 
+    return json.JSONDecoder(parse_int=parse_int)
+
+
+def _too_many_digits_reason(text):
+    """The reason for a body with an over-long integer, naming where it is.
+    Parsed again with a hook on integers: only on this refusal, since a hook
+    makes every integer of every body a Python call."""
     try:
-        value = json.JSONDecoder(parse_int=parse_int).decode(text)
+        value = _digits_decoder().decode(text)
     except (ValueError, RecursionError):
         value = None
-    found = _find_too_many_digits(value, ())
+    return _digits_reason(_find_too_many_digits(value, ()))
+
+
+def _digits_reason(found):
+    """The reason for an over-long integer found by ``_find_too_many_digits``
+    (None: somewhere in a body that was malformed too)."""
+    limit = sys.get_int_max_str_digits()
     if found is None:
         return f"a number has too many digits; integers of at most {limit} digits are accepted"
     path, digits = found
@@ -233,10 +245,62 @@ def load_event(event_type, obj):
     return load_delete(obj) if parse is None else parse(obj)
 
 
-def read_events(body, max_events):
+def json_object_steps(body, spent):
+    """``parse_json_object`` over several steps, for bodies too big to parse
+    in one reactor turn: a generator that yields (None) whenever ``spent()``
+    is true after a value, and returns the dict; the same 400s, with the same
+    reasons (``jsonsteps.parse`` raises what ``json.loads`` raises). Even a
+    refusal is found in steps: an over-long integer's reason comes from a
+    second stepped parse."""
+    if not body or body.isspace():
+        raise invalid_json("request body is empty; expected a JSON object")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid_json("request body is not valid UTF-8") from None
+    try:
+        value = yield from jsonsteps.parse(text, spent)
+    except ValueError as e:
+        if _TOO_MANY_DIGITS not in str(e):
+            raise invalid_json(f"malformed JSON: {e}") from None
+        try:
+            value = yield from jsonsteps.parse(text, spent, _digits_decoder().raw_decode)
+        except (ValueError, RecursionError):
+            value = None
+        found = yield from _find_in_steps(value, spent)
+        raise invalid(_digits_reason(found)) from None
+    except RecursionError:
+        raise invalid_json("malformed JSON: nested too deeply") from None
+    if not isinstance(value, dict):
+        raise invalid_json(f"expected a JSON object, got {json_type(value)}")
+    return value
+
+
+def _find_in_steps(value, spent):
+    """``_find_too_many_digits(value, ())``, the top two levels walked here
+    (as ``jsonsteps.parse`` parsed them) with a step after each value."""
+    top = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else None
+    if top is None:
+        return _find_too_many_digits(value, ())
+    for key, item in top:
+        inner = item.items() if isinstance(item, dict) else enumerate(item) if isinstance(item, list) else None
+        if inner is None:
+            inner = ((None, item),)
+        for index, sub in inner:
+            found = _find_too_many_digits(sub, (key,) if index is None else (key, index))
+            if found is not None:
+                return found
+            if spent():
+                yield
+    return None
+
+
+def read_events(body, max_events, spent):
     """A replica batch's bytes -> its ``events`` array (at most
-    ``max_events`` items, each still to be checked on its own)."""
-    events = parse_json_object(body).get("events")
+    ``max_events`` items, each still to be checked on its own), parsed in
+    steps: a generator as ``json_object_steps``, returning the list. A body
+    that is not such an object is refused (400) before any event is used."""
+    events = (yield from json_object_steps(body, spent)).get("events")
     if not isinstance(events, list):
         raise InvalidInput("field 'events' must be an array")
     if len(events) > max_events:

@@ -8,6 +8,7 @@ in ``endpoint``/``envelope``.
 """
 
 from klein import Klein
+from twisted.internet.defer import DeferredLock
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from metacenter.api import envelope
@@ -43,6 +44,8 @@ class MetacenterAPI(LoadRoutes, TruthRoutes, CacheRoutes, ReplicaRoutes, Operati
         self.load_bodies = LoadResponseCache(node.state)
         # Bodies over the whole state, built in slices of bounded reactor time.
         self.views = Views(node, metrics, self.load_bodies)
+        # Peer batches are applied one after the other, in arrival order (api.replica).
+        self.replica_batches = DeferredLock()
 
     def resource(self):
         """The root resource: ``RoutingResource`` over this app."""

@@ -41,8 +41,6 @@ The pure parts (digests, buckets, ``reconcile``, the horizon) are in
 
 import itertools
 import json
-import re
-from json.decoder import scanstring
 from time import perf_counter
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -57,6 +55,7 @@ from metacenter.core.digests import (ADOPTED, BUCKETS, HORIZON_FRACTION, MERGED,
                                      encode_buckets, isolation_threshold,
                                      repair_horizon)
 from metacenter.core.errors import InvalidInput
+from metacenter.jsonsteps import Budget, Reader, parse, steps
 from metacenter.runtime.logs import ThrottledLog, logger
 from metacenter.runtime.periodic import Periodic
 from metacenter.runtime.turns import in_chunks, run, scan
@@ -70,6 +69,7 @@ REPAIR_PATH = "/v1/replica/repair"
 
 SCAN_CHUNK = 500  # local requests looked at per reactor turn (about a millisecond)
 DIGEST_CHUNK = 150  # a peer's cluster digests read and compared per reactor turn (~1 ms)
+STEP_BUDGET = 0.0005  # seconds of work per reactor turn for a peer's buckets answer (views.TURN_BUDGET)
 FAILURE_LOG_INTERVAL = 60.0
 BULK_TIMEOUT = 30.0  # seconds for streaming records and sending repairs
 
@@ -88,66 +88,12 @@ def bucket_digests(state, clusters, cooperate):
     return scan(cooperate, state.iter_requests(), SCAN_CHUNK, found.add).addCallback(lambda _: found.result)
 
 
-_SPACE = re.compile(r"[ \t\n\r]*")
-_value = json.JSONDecoder().raw_decode
-
-
-class _Reader:
-    """Reads a JSON text member by member (the stdlib's own scanners, in C),
-    so that a big object can be read a few members per reactor turn; any
-    malformed text raises ValueError."""
-
-    def __init__(self, text):
-        self.text = text
-        self.pos = 0
-
-    def _skip(self):
-        self.pos = _SPACE.match(self.text, self.pos).end()
-
-    def _take(self, expected):
-        self._skip()
-        if not self.text.startswith(expected, self.pos):
-            raise ValueError(f"expected {expected!r} at {self.pos}")
-        self.pos += 1
-
-    def value(self):
-        self._skip()
-        value, self.pos = _value(self.text, self.pos)
-        return value
-
-    def members(self):
-        """The keys of the object here, one by one; the caller reads each
-        key's value (``value()`` or ``members()``) before asking for the next."""
-        self._take("{")
-        self._skip()
-        if self.text.startswith("}", self.pos):
-            self.pos += 1
-            return
-        while True:
-            self._take('"')
-            key, self.pos = scanstring(self.text, self.pos)
-            self._take(":")
-            yield key
-            self._skip()
-            end = self.text[self.pos:self.pos + 1]
-            self.pos += 1
-            if end == "}":
-                return
-            if end != ",":
-                raise ValueError(f"expected ',' or '}}' at {self.pos - 1}")
-
-    def end(self):
-        self._skip()
-        if self.pos != len(self.text):
-            raise ValueError("extra data after the JSON value")
-
-
 def digest_entries(content):
     """The ``(name, value)`` members of ``data.clusters`` in a
     ``GET /v1/replica/digest`` answer (bytes), read lazily (a 20,000-cluster
     answer parsed in one go took ~10 ms of reactor time, and its dict of
     lists a full GC); ValueError (or UnicodeDecodeError) if it is not one."""
-    reader = _Reader(content.decode("utf-8"))
+    reader = Reader(content.decode("utf-8"))
     found = False
     for key in reader.members():
         if key != "data":
@@ -363,14 +309,31 @@ class AntiEntropy(MultiService):
         status, content = yield self.client.request("POST", peer, BUCKETS_PATH, body, timeout=self._bulk_timeout())
         if status != 200:
             raise ExchangeFailed(f"buckets: HTTP {status}{_reason(content)}")
+        # Up to 256 buckets per cluster of thousands: read and compared in
+        # steps (one json.loads of a 20,000-cluster answer took tens of ms).
+        budget, out = Budget(STEP_BUDGET), []
         try:
-            remote = json.loads(content)["data"]
-            if not isinstance(remote, dict) or not all(isinstance(v, dict) for v in remote.values()):
+            yield run(self.node.cooperate, steps(parse(content.decode("utf-8"), budget.spent), budget, out))
+            remote = out[0]["data"]
+            if not isinstance(remote, dict):
                 raise TypeError
         except (ValueError, KeyError, TypeError):
             raise ExchangeFailed("buckets: not a buckets answer") from None
         local = yield bucket_digests(self.node.state, clusters, self.node.cooperate)
-        return differing_buckets(encode_buckets(local), remote)
+        found = {}
+
+        def compare(names):
+            for cluster in names:
+                theirs = remote.get(cluster, {})
+                if not isinstance(theirs, dict):
+                    raise TypeError
+                found.update(differing_buckets(encode_buckets({cluster: local.get(cluster, {})}), {cluster: theirs}))
+
+        try:
+            yield scan(self.node.cooperate, list(set(local) | set(remote)), DIGEST_CHUNK, compare)
+        except TypeError:
+            raise ExchangeFailed("buckets: not a buckets answer") from None
+        return found
 
     @defer.inlineCallbacks
     def _pull_records(self, peer, buckets, ledger):

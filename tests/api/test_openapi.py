@@ -434,9 +434,12 @@ def _peer_route(name, items_rejected=None):
     reports it; here, as in test_fuzz, the verdict is about the whole body)."""
     replica_api = importlib.import_module("metacenter.api.replica")
     from metacenter.api.envelope import invalid
+    from twisted.internet.defer import DeferredLock
 
     class Routes(replica_api.ReplicaRoutes):
         node = _PeerNode()
+        replica_batches = DeferredLock()  # as MetacenterAPI has
+        step_budget = float("inf")  # the whole body in one step: the verdict at once
 
     route = getattr(Routes, name)
     route = getattr(route, "__wrapped__", route)  # endpoint's inner function
