@@ -67,7 +67,7 @@ BUCKETS_PATH = "/v1/replica/buckets"
 RECORDS_PATH = "/v1/replica/records"
 REPAIR_PATH = "/v1/replica/repair"
 
-SCAN_CHUNK = 500  # local requests looked at per reactor turn (about a millisecond)
+SCAN_CHUNK = 200  # local requests looked at per reactor turn (0.3-0.9 ms at 300,000 requests)
 DIGEST_CHUNK = 150  # a peer's cluster digests read and compared per reactor turn (~1 ms)
 STEP_BUDGET = 0.0005  # seconds of work per reactor turn for a peer's buckets answer (views.TURN_BUDGET)
 FAILURE_LOG_INTERVAL = 60.0

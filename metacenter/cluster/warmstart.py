@@ -48,7 +48,7 @@ from metacenter.runtime.turns import scan
 log = logger("metacenter.cluster.warmstart")
 
 SNAPSHOT_PATH = "/v1/replica/snapshot"
-SCAN_CHUNK = 2000  # local requests looked at per reactor turn when resyncing
+SCAN_CHUNK = 250  # local requests looked at per reactor turn when resyncing (2,000 took up to 9 ms)
 
 
 class WarmStart(Service):

@@ -66,12 +66,17 @@ def bucket_of(request_id: str) -> int:
 
 
 class BucketDigests:
-    """Accumulates ``{cluster: {bucket: [live, digest]}}`` (ints) for the
+    """Accumulates ``{cluster: {bucket: (live, digest)}}`` (ints) for the
     given clusters over chunks of records (``add``), so a caller can spread
-    the walk over reactor turns; ``result`` is the dict so far."""
+    the walk over reactor turns; ``result`` is the dict so far.
+
+    Each bucket is a tuple of two ints, replaced on every change: the
+    collector untracks such tuples at their first pass, where 100,000
+    mutable lists (2,000 clusters of ~50 buckets) stayed tracked and made
+    each full collection meanwhile tens of milliseconds longer."""
 
     def __init__(self, clusters: Iterable[str]):
-        self.result: Dict[str, Dict[int, list]] = {cluster: {} for cluster in clusters}
+        self.result: Dict[str, Dict[int, tuple]] = {cluster: {} for cluster in clusters}
 
     def add(self, records: Iterable[Record]) -> None:
         """Folds a chunk of records into ``result``; other clusters' are skipped."""
@@ -81,15 +86,15 @@ class BucketDigests:
             if buckets is None:
                 continue
             fingerprint = request_fingerprint(request_id, prompt_deleted)
-            bucket = buckets.get(fingerprint & (BUCKETS - 1))
+            index = fingerprint & (BUCKETS - 1)
+            bucket = buckets.get(index)
             if bucket is None:
-                buckets[fingerprint & (BUCKETS - 1)] = [1, fingerprint]
+                buckets[index] = (1, fingerprint)
             else:
-                bucket[0] += 1
-                bucket[1] ^= fingerprint
+                buckets[index] = (bucket[0] + 1, bucket[1] ^ fingerprint)
 
 
-def encode_buckets(buckets: Dict[str, Dict[int, list]]) -> Dict[str, Dict[str, list]]:
+def encode_buckets(buckets: Dict[str, Dict[int, tuple]]) -> Dict[str, Dict[str, list]]:
     """``BucketDigests.result`` -> the wire form {cluster: {"bucket": [live, "hex"]}}."""
     return {cluster: {str(b): [live, format(digest, "016x")] for b, (live, digest) in found.items()}
             for cluster, found in buckets.items()}
