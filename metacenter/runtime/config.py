@@ -274,7 +274,9 @@ SETTINGS = (
             env=("METACENTER_MAX_CONNECTIONS",)),
     Setting("gc-freeze-interval", duration_or_off, 60.0,
             "How often the long-lived objects are frozen out of the garbage collector's full walks (after a young "
-            "collection); 0: only at start and after the warm start.", env=("METACENTER_GC_FREEZE_INTERVAL",)),
+            "collection), and sooner once the state holds 1,000 more clusters, engines and leases than at the last "
+            "freeze (checked every second); 0: only at start and after the warm start.",
+            env=("METACENTER_GC_FREEZE_INTERVAL",)),
     Setting("reactor-lag-interval", positive_duration, 0.05,
             "How often the reactor lag probe ticks (metacenter_reactor_lag_seconds).",
             env=("METACENTER_REACTOR_LAG_INTERVAL",)),

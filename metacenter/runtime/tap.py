@@ -33,7 +33,7 @@ from metacenter.cluster.stream import ReceiverFactory, StreamListener, StreamRep
 from metacenter.core.replog import ReplicationLog
 from metacenter.runtime import config as config_module
 from metacenter.runtime import logs
-from metacenter.runtime.gcpolicy import GcPolicy
+from metacenter.runtime.gcpolicy import GROWTH_CHECK_INTERVAL, GcPolicy
 from metacenter.runtime.node import Readiness, build_node
 from metacenter.runtime.periodic import Periodic
 from metacenter.runtime.reactorlag import LagProbe
@@ -317,11 +317,15 @@ def makeService(options, reactor=None):
     # Long-lived objects out of the cyclic collector's full walks
     # (runtime/gcpolicy.py): what is built so far, the state a warm start
     # imports, then every --gc-freeze-interval what survived since.
-    gc_policy = GcPolicy().observe_to(node.metrics).install()
+    state = node.state
+    gc_policy = GcPolicy(size=lambda: len(state.clusters) + state.engine_count + state.lease_count)
+    gc_policy.observe_to(node.metrics).install()
     warm_start.when_done().addBoth(lambda result: gc_policy.freeze("warm start") or result)
     if cfg.gc_freeze_interval > 0:
         Periodic(cfg.gc_freeze_interval, gc_policy.freeze, what="gc freeze", clock=reactor, now=False,
                  log=logs.logger("metacenter.runtime.gcpolicy")).setServiceParent(top)
+        Periodic(GROWTH_CHECK_INTERVAL, gc_policy.freeze_if_grown, what="gc growth check", clock=reactor,
+                 now=False, log=logs.logger("metacenter.runtime.gcpolicy")).setServiceParent(top)
     gc.collect()  # a small process yet: the one full collection it needs
     gc_policy.freeze("start")
     return top

@@ -148,3 +148,31 @@ def test_a_node_freezes_at_start_after_its_warm_start_and_periodically():
         assert {p.split('"')[1] for p in pauses} == {"0", "1", "2"}
     finally:
         node.stop()
+
+
+def test_a_state_that_grew_is_frozen_before_the_interval():
+    clock = Clock()
+    node = build_node(clock)
+    state = node.state
+    policy = GcPolicy(size=lambda: len(state.clusters) + state.engine_count + state.lease_count, growth=50)
+    Periodic(1.0, policy.freeze_if_grown, what="gc growth check", clock=clock, now=False).startService()
+    try:
+        policy.freeze("start")
+
+        def add_clusters(first, count):
+            for i in range(first, first + count):
+                node.apply(EVENT_ADD, bodies.load_event(EVENT_ADD, {
+                    "cluster": f"grown-{i}", "request_id": f"r-{i}", "ip": "10.0.0.1", "prompt_length": 1}),
+                    None, 0)
+
+        add_clusters(0, 20)  # 40 new objects (a cluster and its engine each): below the growth
+        clock.advance(1)
+        assert policy.freezes == 1
+        add_clusters(20, 5)  # 50 since the freeze
+        before = gc.get_freeze_count()
+        clock.advance(1)
+        assert policy.freezes == 2 and gc.get_freeze_count() > before
+        clock.advance(1)  # nothing new since: no freeze
+        assert policy.freezes == 2
+    finally:
+        gc.unfreeze()
