@@ -117,11 +117,12 @@ def stall_table(st):
     """The stall section: one row per state (bench/stall.py)."""
     rows = ["Reactor pauses while a scraper polls /metrics and a console polls overview and status every second "
             "(bench/stall.py; lag from the node's metacenter_reactor_lag_seconds, ticking every 10 ms; probe: "
-            "a GET every 10 ms, latency from when due):", "",
+            "a GET every 10 ms, latency from when due; host steal: time the hypervisor took the node's core away "
+            "during the phase, /proc/stat, 10 ms ticks):", "",
             "| state | worst lag ms | ticks > 5 ms | full GCs | probe p50 ms | probe p99 ms | probe max ms "
-            "| scrape ms (bytes) | console poll ms | node core | with a peer's digest + snapshot: worst lag ms, "
-            "probe p99 ms |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+            "| scrape ms (bytes) | console poll ms | node core | host steal ms | with a peer's digest + snapshot: "
+            "worst lag ms, probe p99 ms |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for s in st["states"].values():
         lag, probe, scrape, peer = s["reactor_lag"], s["probe"], s["scrape"], s["peer_polls"]
         rows.append(f"| {s['state']} | {_lag(lag)} | {lag['ticks_above_5ms']} of {lag['ticks']} | "
@@ -129,6 +130,7 @@ def stall_table(st):
                     f"{probe.get('p99_ms', 0):.2f} | {probe.get('max_ms', 0):.1f} | "
                     f"{scrape.get('p50_ms', 0):.0f} ({scrape.get('bytes', 0):,}) | "
                     f"{s['console_poll'].get('p50_ms', 0):.0f} | {s['node_cpu_util']:.0%} | "
+                    f"{s.get('host_steal_ms', '-')} | "
                     f"{_lag(peer['reactor_lag'])}, {peer['probe'].get('p99_ms', 0):.2f} |")
     return "\n".join(rows)
 

@@ -105,6 +105,24 @@ class Cores:
 # -- /proc ---------------------------------------------------------------------
 
 
+def steal_seconds(core=None):
+    """Seconds the hypervisor gave core ``core``'s time to something else
+    while it had work (``/proc/stat``'s steal column; all cores if None).
+    Counted in USER_HZ ticks (10 ms), so it tells a host pause of tens of
+    milliseconds from one of the node's own; 0.0 where no steal is
+    reported."""
+    name = "cpu" if core is None else f"cpu{core}"
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                fields = line.split()
+                if fields and fields[0] == name:
+                    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+    except OSError:
+        pass
+    return 0.0
+
+
 def cpu_seconds(pid):
     """User + system CPU seconds the process has used."""
     with open(f"/proc/{pid}/stat") as f:
