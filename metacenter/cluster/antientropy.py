@@ -47,6 +47,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from twisted.application.service import MultiService
 from twisted.internet import defer
 
+from metacenter.api.views import TURN_BUDGET
 from metacenter.cluster.discovery import format_peer
 from metacenter.cluster.snapshot import decode_line, parse_record, record_entry
 from metacenter.core import digests as core
@@ -69,7 +70,7 @@ REPAIR_PATH = "/v1/replica/repair"
 
 SCAN_CHUNK = 200  # local requests looked at per reactor turn (0.3-0.9 ms at 300,000 requests)
 DIGEST_CHUNK = 150  # a peer's cluster digests read and compared per reactor turn (~1 ms)
-STEP_BUDGET = 0.0005  # seconds of work per reactor turn for a peer's buckets answer (views.TURN_BUDGET)
+STEP_BUDGET = TURN_BUDGET  # seconds of work per reactor turn for a peer's buckets answer
 FAILURE_LOG_INTERVAL = 60.0
 BULK_TIMEOUT = 30.0  # seconds for streaming records and sending repairs
 
