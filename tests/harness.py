@@ -79,3 +79,36 @@ class Turns:
             call.called = 1
             call.func()
         return bool(calls)
+
+
+def http_responses(raw):
+    """The complete HTTP/1.1 responses in the bytes ``raw`` (a
+    ``StringTransport``'s value): [(status, headers dict with lower-case
+    names, body)], the body de-chunked; an incomplete last one is left out."""
+    out = []
+    while raw:
+        head, sep, rest = raw.partition(b"\r\n\r\n")
+        if not sep:
+            break
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in header_lines)}
+        status = int(status_line.split()[1])
+        if headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while True:
+                size_line, _, rest = rest.partition(b"\r\n")
+                if not size_line:
+                    return out  # incomplete
+                size = int(size_line, 16)
+                if size == 0:
+                    rest = rest[2:]
+                    break
+                body, rest = body + rest[:size], rest[size + 2:]
+        else:
+            length = int(headers.get("content-length", 0))
+            if len(rest) < length:
+                return out
+            body, rest = rest[:length], rest[length:]
+        out.append((status, headers, body))
+        raw = rest
+    return out

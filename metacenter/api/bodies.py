@@ -11,9 +11,9 @@ import sys
 
 from metacenter.core.cache import IPS_MAX_ITEMS, PROMPT_HASH_MAX_ITEMS, TOPK_DEFAULT, TOPK_MAX
 from metacenter.core.errors import InvalidInput
-from metacenter.core.events import (EVENT_ADD, EVENT_ENGINE_RESET, EVENT_LEASE_KEEPALIVE, EVENT_LEASE_REVOKE,
-                                    EVENT_REFRESH, CacheSave, EngineReset, LeaseKeepalive, LeaseRevoke, LoadAdd,
-                                    LoadDelete, Refresh)
+from metacenter.core.events import (EVENT_ADD, EVENT_CACHE_SAVE, EVENT_ENGINE_RESET, EVENT_LEASE_KEEPALIVE,
+                                    EVENT_LEASE_REVOKE, EVENT_REFRESH, LOAD_EVENT_TYPES, TRUTH_EVENT_TYPES, CacheSave,
+                                    EngineReset, LeaseKeepalive, LeaseRevoke, LoadAdd, LoadDelete, Refresh)
 from metacenter.core.fields import (INT32_MAX, canonical_ip, check_length, int_field, ip_value, json_type,
                                     required_string, timestamp_field, uint64_list)
 from metacenter.core.leases import REFRESH_MAX_ITEMS, lease_name, lease_ttl_ms
@@ -86,15 +86,21 @@ def _find_too_many_digits(value, path):
     return None
 
 
+def _body_text(body):
+    """A request body's bytes -> its text, or the 400 for an empty or
+    non-UTF-8 body."""
+    if not body or body.isspace():
+        raise invalid_json("request body is empty; expected a JSON object")
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid_json("request body is not valid UTF-8") from None
+
+
 def parse_json_object(body):
     """bytes -> dict, or a 400 that says why. Any Content-Type is accepted:
     the gateway sends DELETE bodies without one."""
-    if not body or not body.strip():
-        raise invalid_json("request body is empty; expected a JSON object")
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise invalid_json("request body is not valid UTF-8") from None
+    text = _body_text(body)
     try:
         value = _loads(text)
     except ValueError as e:
@@ -252,12 +258,7 @@ def json_object_steps(body, spent):
     reasons (``jsonsteps.parse`` raises what ``json.loads`` raises). Even a
     refusal is found in steps: an over-long integer's reason comes from a
     second stepped parse."""
-    if not body or body.isspace():
-        raise invalid_json("request body is empty; expected a JSON object")
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise invalid_json("request body is not valid UTF-8") from None
+    text = _body_text(body)
     try:
         value = yield from jsonsteps.parse(text, spent)
     except ValueError as e:
@@ -306,6 +307,23 @@ def read_events(body, max_events, spent):
     if len(events) > max_events:
         raise InvalidInput(f"field 'events' holds more than {max_events} events")
     return events
+
+
+def batch_event(item):
+    """One item of a replica batch's ``events`` (``{"type", "body",
+    "trace_id"?}``) -> ``(event_type, typed event)``: a load event, one of
+    ours (``TRUTH_EVENT_TYPES``) or a ``cache.save``, its body checked as a
+    client's. InvalidInput with the reason the batch reports by index."""
+    if not isinstance(item, dict):
+        raise InvalidInput("an event must be an object")
+    event_type = item.get("type")
+    cache_save = event_type == EVENT_CACHE_SAVE
+    if not cache_save and event_type not in LOAD_EVENT_TYPES and event_type not in TRUTH_EVENT_TYPES:
+        raise InvalidInput("Unsupported event type")
+    payload = item.get("body")
+    if not isinstance(payload, dict):
+        raise InvalidInput("field 'body' must be an object")
+    return event_type, parse_cache_save(payload) if cache_save else load_event(event_type, payload)
 
 
 def cluster_list(obj):

@@ -26,7 +26,7 @@ from metacenter.cluster.antientropy import (ADOPTED, BUCKETS, PEER_DELETE, PEER_
                                             bucket_of, reconcile)
 from metacenter.cluster.snapshot import parse_record, parse_tombstone, state_chunks
 from metacenter.core.errors import InvalidInput
-from metacenter.core.events import EVENT_CACHE_SAVE, LOAD_EVENT_TYPES, ORIGIN_PEER, TRUTH_EVENT_TYPES
+from metacenter.core.events import EVENT_CACHE_SAVE, LOAD_EVENT_TYPES, ORIGIN_PEER
 from metacenter.jsonsteps import Budget, steps
 from metacenter.runtime.logs import logger
 from metacenter.runtime.turns import in_chunks, run
@@ -108,16 +108,8 @@ class ReplicaRoutes:
                 if spent():
                     yield
                 try:
-                    if not isinstance(item, dict):
-                        raise InvalidInput("an event must be an object")
-                    event_type = item.get("type")
+                    event_type, event = bodies.batch_event(item)
                     cache_save = event_type == EVENT_CACHE_SAVE
-                    if not cache_save and event_type not in LOAD_EVENT_TYPES and event_type not in TRUTH_EVENT_TYPES:
-                        raise InvalidInput("Unsupported event type")
-                    payload = item.get("body")
-                    if not isinstance(payload, dict):
-                        raise InvalidInput("field 'body' must be an object")
-                    event = bodies.parse_cache_save(payload) if cache_save else bodies.load_event(event_type, payload)
                 except InvalidInput as e:
                     rejected.append({"index": index, "reason": e.reason})
                     continue

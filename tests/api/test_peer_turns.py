@@ -18,7 +18,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from harness import Turns
+from harness import Turns, http_responses
 from metacenter import jsonsteps
 from metacenter.jsonsteps import CHECK_EVERY
 from metacenter.api import bodies, envelope
@@ -29,7 +29,7 @@ from metacenter.cluster.antientropy import SCAN_CHUNK, encode_buckets, reconcile
 from metacenter.cluster.snapshot import parse_record, parse_tombstone
 from metacenter.core.digests import BucketDigests
 from metacenter.core.errors import InvalidInput
-from metacenter.core.events import EVENT_CACHE_SAVE, LOAD_EVENT_TYPES, ORIGIN_PEER, TRUTH_EVENT_TYPES
+from metacenter.core.events import EVENT_CACHE_SAVE, ORIGIN_PEER
 from metacenter.runtime.node import build_node
 from metacenter.runtime.turns import _one_step
 
@@ -100,33 +100,9 @@ def request(method, path, body):
 
 
 def responses(raw):
-    """Complete HTTP responses in ``raw``: [(status, body)] (Content-Length or chunked)."""
-    out = []
-    while raw:
-        head, sep, rest = raw.partition(b"\r\n\r\n")
-        if not sep:
-            break
-        status_line, *lines = head.decode("latin-1").split("\r\n")
-        headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
-        if headers.get("transfer-encoding") == "chunked":
-            body = b""
-            while True:
-                size_line, _, rest = rest.partition(b"\r\n")
-                if not size_line:
-                    return out
-                size = int(size_line, 16)
-                if size == 0:
-                    rest = rest[2:]
-                    break
-                body, rest = body + rest[:size], rest[size + 2:]
-        else:
-            length = int(headers.get("content-length", 0))
-            if len(rest) < length:
-                return out
-            body, rest = rest[:length], rest[length:]
-        out.append((int(status_line.split()[1]), body))
-        raw = rest
-    return out
+    """Complete HTTP responses in ``raw``: [(status, body)]."""
+    return [(status, body) for status, _, body in http_responses(raw)]
+
 
 
 def answered(transport):
@@ -159,16 +135,8 @@ def batch_in_one_go(node, events, trace_id):
     rejected = []
     for index, item in enumerate(events):
         try:
-            if not isinstance(item, dict):
-                raise InvalidInput("an event must be an object")
-            event_type = item.get("type")
+            event_type, event = bodies.batch_event(item)
             cache_save = event_type == EVENT_CACHE_SAVE
-            if not cache_save and event_type not in LOAD_EVENT_TYPES and event_type not in TRUTH_EVENT_TYPES:
-                raise InvalidInput("Unsupported event type")
-            payload = item.get("body")
-            if not isinstance(payload, dict):
-                raise InvalidInput("field 'body' must be an object")
-            event = bodies.parse_cache_save(payload) if cache_save else bodies.load_event(event_type, payload)
         except InvalidInput as e:
             rejected.append({"index": index, "reason": e.reason})
             continue

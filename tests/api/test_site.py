@@ -20,7 +20,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 
-from harness import Turns
+from harness import Turns, http_responses
 from metacenter.api.server import MetacenterAPI
 from metacenter.api.site import MetacenterSite
 from metacenter.api.views import Views
@@ -66,33 +66,8 @@ def request(method, path, body=None, headers=()):
 
 def responses(raw):
     """Complete HTTP responses in ``raw``: [(status, headers dict, body)]."""
-    out = []
-    while raw:
-        head, sep, rest = raw.partition(b"\r\n\r\n")
-        if not sep:
-            break
-        status_line, *header_lines = head.decode("latin-1").split("\r\n")
-        headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in header_lines)}
-        status = int(status_line.split()[1])
-        if headers.get("transfer-encoding") == "chunked":
-            body = b""
-            while True:
-                size_line, _, rest = rest.partition(b"\r\n")
-                if not size_line:
-                    return out  # incomplete
-                size = int(size_line, 16)
-                if size == 0:
-                    rest = rest[2:]
-                    break
-                body, rest = body + rest[:size], rest[size + 2:]
-        else:
-            length = int(headers.get("content-length", 0))
-            if len(rest) < length:
-                return out
-            body, rest = rest[:length], rest[length:]
-        out.append((status, headers, body))
-        raw = rest
-    return out
+    return http_responses(raw)
+
 
 
 ADD = json.dumps({"cluster": "c", "request_id": "r1", "ip": "10.0.0.1", "prompt_length": 5}).encode()

@@ -16,7 +16,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from cluster_nodes import LocalNode, clocked, fill
-from harness import Turns
+from harness import Turns, http_responses
 from metacenter.api.server import MetacenterAPI
 from metacenter.api.site import MetacenterSite
 from metacenter.api.views import DigestRender
@@ -57,33 +57,9 @@ def request(method, path, body=None):
 
 
 def responses(raw):
-    """Complete HTTP responses in ``raw``: [(status, body)] (chunked or not)."""
-    out = []
-    while raw:
-        head, sep, rest = raw.partition(b"\r\n\r\n")
-        if not sep:
-            break
-        status_line, *header_lines = head.decode("latin-1").split("\r\n")
-        headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in header_lines)}
-        if headers.get("transfer-encoding") == "chunked":
-            body = b""
-            while True:
-                size_line, _, rest = rest.partition(b"\r\n")
-                if not size_line:
-                    return out
-                size = int(size_line, 16)
-                if size == 0:
-                    rest = rest[2:]
-                    break
-                body, rest = body + rest[:size], rest[size + 2:]
-        else:
-            length = int(headers.get("content-length", 0))
-            if len(rest) < length:
-                return out
-            body, rest = rest[:length], rest[length:]
-        out.append((int(status_line.split()[1]), body))
-        raw = rest
-    return out
+    """Complete HTTP responses in ``raw``: [(status, body)]."""
+    return [(status, body) for status, _, body in http_responses(raw)]
+
 
 
 def served_between_steps(server, path):
