@@ -155,6 +155,17 @@ class MetacenterChannel(http.HTTPChannel):
             return
         super().lineReceived(line)
 
+    def _respondToBadRequestAndDisconnect(self):
+        # Twisted's bare "400 Bad Request" (no body) for framing it cannot
+        # read: a bad request line or header line, a Content-Length that is
+        # not one non-negative integer, one beside chunked encoding, a bad
+        # chunk. The client gets the reason in the envelope instead.
+        self.transport.write(_raw_error(envelope.invalid(
+            "the request is not valid HTTP/1.1: its request line, a header line, Content-Length or chunked "
+            "encoding could not be read; expected 'METHOD /path HTTP/1.1', 'Name: value' headers and at most one "
+            "non-negative Content-Length or chunked encoding")))
+        self.loseConnection()
+
     def _headers_too_large(self):
         self._answer_and_close(envelope.ApiError(
             431, CODE_HEADERS_TOO_LARGE, "Request header fields too large",

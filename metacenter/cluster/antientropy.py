@@ -69,6 +69,7 @@ RECORDS_PATH = "/v1/replica/records"
 REPAIR_PATH = "/v1/replica/repair"
 
 SCAN_CHUNK = 200  # local requests looked at per reactor turn (0.3-0.9 ms at 300,000 requests)
+_COMPACT = (",", ":")  # JSON separators of the bodies sent: their size is what _groups counts
 DIGEST_CHUNK = 150  # a peer's cluster digests read and compared per reactor turn (~1 ms)
 STEP_BUDGET = TURN_BUDGET  # seconds of work per reactor turn for a peer's buckets answer
 FAILURE_LOG_INTERVAL = 60.0
@@ -306,35 +307,56 @@ class AntiEntropy(MultiService):
     def _differing_buckets(self, peer, clusters):
         """Step 2: both sides' bucket digests of ``clusters`` (ours scanned
         a chunk per reactor turn); ``{cluster: set of differing buckets}``."""
-        body = json.dumps({"clusters": clusters}).encode("utf-8")
-        status, content = yield self.client.request("POST", peer, BUCKETS_PATH, body, timeout=self._bulk_timeout())
-        if status != 200:
-            raise ExchangeFailed(f"buckets: HTTP {status}{_reason(content)}")
-        # Up to 256 buckets per cluster of thousands: read and compared in
-        # steps (one json.loads of a 20,000-cluster answer took tens of ms).
-        budget, out = Budget(STEP_BUDGET), []
-        try:
-            yield run(self.node.cooperate, steps(parse(content.decode("utf-8"), budget.spent), budget, out))
-            remote = out[0]["data"]
-            if not isinstance(remote, dict):
-                raise TypeError
-        except (ValueError, KeyError, TypeError):
-            raise ExchangeFailed("buckets: not a buckets answer") from None
         local = yield bucket_digests(self.node.state, clusters, self.node.cooperate)
         found = {}
-
-        def compare(names):
-            for cluster in names:
-                theirs = remote.get(cluster, {})
-                if not isinstance(theirs, dict):
+        # One request per group of clusters that fits the peer's body limit
+        # (thousands of differing clusters would not fit one).
+        for group in self._groups(clusters, lambda name: len(json.dumps(name)) + 1):
+            body = json.dumps({"clusters": group}, separators=_COMPACT).encode("utf-8")
+            status, content = yield self.client.request("POST", peer, BUCKETS_PATH, body,
+                                                        timeout=self._bulk_timeout())
+            if status != 200:
+                raise ExchangeFailed(f"buckets: HTTP {status}{_reason(content)}")
+            # Up to 256 buckets per cluster of thousands: read and compared in
+            # steps (one json.loads of a 20,000-cluster answer took tens of ms).
+            budget, out = Budget(STEP_BUDGET), []
+            try:
+                yield run(self.node.cooperate, steps(parse(content.decode("utf-8"), budget.spent), budget, out))
+                remote = out[0]["data"]
+                if not isinstance(remote, dict):
                     raise TypeError
-                found.update(differing_buckets(encode_buckets({cluster: local.get(cluster, {})}), {cluster: theirs}))
+            except (ValueError, KeyError, TypeError):
+                raise ExchangeFailed("buckets: not a buckets answer") from None
 
-        try:
-            yield scan(self.node.cooperate, list(set(local) | set(remote)), DIGEST_CHUNK, compare)
-        except TypeError:
-            raise ExchangeFailed("buckets: not a buckets answer") from None
+            def compare(names, remote=remote):
+                for cluster in names:
+                    theirs = remote.get(cluster, {})
+                    if not isinstance(theirs, dict):
+                        raise TypeError
+                    found.update(differing_buckets(encode_buckets({cluster: local.get(cluster, {})}),
+                                                   {cluster: theirs}))
+
+            try:
+                yield scan(self.node.cooperate, group, DIGEST_CHUNK, compare)
+            except TypeError:
+                raise ExchangeFailed("buckets: not a buckets answer") from None
         return found
+
+    def _groups(self, names, cost):
+        """The sorted ``names`` in consecutive groups whose request body
+        (``cost(name)`` bytes each, plus the envelope) stays within the
+        peer's body limit; a name is never split."""
+        budget = self.max_body - 64
+        group, size = [], 0
+        for name in names:
+            length = cost(name)
+            if group and size + length > budget:
+                yield group
+                group, size = [], 0
+            group.append(name)
+            size += length
+        if group:
+            yield group
 
     @defer.inlineCallbacks
     def _pull_records(self, peer, buckets, ledger):
@@ -356,13 +378,19 @@ class AntiEntropy(MultiService):
                 return
             ledger.peer_record(record, node.clock.seconds())
 
-        body = json.dumps({"clusters": sorted(buckets), "buckets": {c: sorted(b) for c, b in buckets.items()}})
-        status, content = yield self.client.stream("POST", peer, RECORDS_PATH, body.encode("utf-8"), on_line,
-                                                   timeout=self._bulk_timeout(), answer_timeout=self._answer_timeout())
-        if status != 200:
-            raise ExchangeFailed(f"records: HTTP {status}{_reason(content)}")
-        if not complete:
-            raise ExchangeFailed("records: the stream ended early")
+        wanted = {c: sorted(b) for c, b in buckets.items()}
+        # A name appears twice (the list and the map) beside its buckets.
+        for group in self._groups(sorted(wanted), lambda name: 2 * len(json.dumps(name)) + 3
+                                  + len(json.dumps(wanted[name], separators=_COMPACT))):
+            body = json.dumps({"clusters": group, "buckets": {c: wanted[c] for c in group}}, separators=_COMPACT)
+            del complete[:]
+            status, content = yield self.client.stream("POST", peer, RECORDS_PATH, body.encode("utf-8"), on_line,
+                                                       timeout=self._bulk_timeout(),
+                                                       answer_timeout=self._answer_timeout())
+            if status != 200:
+                raise ExchangeFailed(f"records: HTTP {status}{_reason(content)}")
+            if not complete:
+                raise ExchangeFailed("records: the stream ended early")
 
     @defer.inlineCallbacks
     def _push_repairs(self, peer, buckets, ledger):

@@ -358,3 +358,24 @@ def test_overview_metrics_and_status_agree_with_the_state_after_changes():
     state.expire_all()
     check()
     assert "model_engine_count{" not in get("/metrics").decode()
+
+
+@pytest.mark.parametrize("raw", [
+    b"HELLO\r\n\r\n",
+    b"POST /v1/load/stats HTTP/1.1\r\nHost: node\r\nContent-Length: abc\r\n\r\n",
+    b"POST /v1/load/stats HTTP/1.1\r\nHost: node\r\nContent-Length: -5\r\n\r\n",
+    b"POST /v1/load/stats HTTP/1.1\r\nHost: node\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+    b"POST /v1/load/stats HTTP/1.1\r\nHost: node\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n{}",
+    b"POST /v1/load/stats HTTP/1.1\r\nHost: node\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+    b"GET /readyz HTTP/1.1\r\nno colon here\r\n\r\n",
+], ids=["request-line", "length-not-a-number", "length-negative", "two-lengths", "length-and-chunked",
+        "bad-chunk-size", "header-line"])
+def test_unreadable_http_framing_gets_a_400_in_the_envelope(raw):
+    server = Server()
+    channel, transport = server.connect()
+    channel.dataReceived(raw)
+    (status, headers, body), = responses(transport.value())
+    answer = json.loads(body)
+    assert status == 400 and headers["content-type"].startswith("application/json")
+    assert answer["status"] == "ERROR" and "not valid HTTP/1.1" in answer["error"]["reason"]
+    assert server.node.state.request_count == 0

@@ -10,6 +10,7 @@ import random
 import pytest_twisted
 from prometheus_client import CollectorRegistry
 from twisted.internet import reactor
+from twisted.web.resource import Resource
 
 from cluster_nodes import FlakyPeer, LocalNode, clocked, fill, real_client, settle, stub_client
 from metacenter.cluster.antientropy import HORIZON_FRACTION, AntiEntropy
@@ -215,3 +216,36 @@ def test_an_anti_entropy_round_never_fails_into_its_loop():
         globalLogPublisher.removeObserver(observer)
     assert results == [None]
     assert any("peer list broke" in str(e["log_failure"].value) for e in seen)
+
+
+class _BodySizes(Resource):
+    """The peer's API, recording each request body's size: a real node
+    refuses one over its --max-body with 413."""
+
+    isLeaf = True
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.sizes = []
+
+    def render(self, request):
+        body = request.content.read()
+        request.content.seek(0)
+        self.sizes.append((request.path, len(body)))
+        return self.inner.render(request)
+
+
+def test_thousands_of_differing_clusters_go_in_requests_within_the_peers_body_limit():
+    clock, a, b = pair()
+    for i in range(400):  # 400 clusters b lacks: their names alone are ~10 KB
+        a.add(f"r{i}", cluster=f"model-with-a-long-name-{i:04d}", ip="10.0.0.1", prompt_length=i + 1)
+    peer = _BodySizes(b.api.resource())
+    anti, client = anti_entropy(a, clock, {B: peer}, max_body=2048)
+    outcome = settle(clock, client, anti.exchange(B))
+    assert outcome["result"] == "repaired", outcome
+    assert a.view() == b.view() and a.digest() == b.digest()
+    posted = [(path, size) for path, size in peer.sizes if path != b"/v1/replica/digest"]
+    assert {path for path, _ in posted} == {b"/v1/replica/buckets", b"/v1/replica/records", b"/v1/replica/repair"}
+    assert all(size <= 2048 for _, size in posted), posted
+    assert sum(path == b"/v1/replica/buckets" for path, _ in posted) > 3  # split, not one body
