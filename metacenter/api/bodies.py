@@ -91,6 +91,8 @@ def _body_text(body):
     non-UTF-8 body."""
     if not body or body.isspace():
         raise invalid_json("request body is empty; expected a JSON object")
+    if body.startswith(b"\xef\xbb\xbf"):  # json.loads' own reason would be "Expecting value: ... (char 0)"
+        raise invalid_json("request body starts with a UTF-8 byte order mark; expected a JSON object without one")
     try:
         return body.decode("utf-8")
     except UnicodeDecodeError:

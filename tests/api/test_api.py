@@ -181,6 +181,7 @@ BAD_ADDS = [
     (b"[]", "expected a JSON object"),
     (b'"text"', "expected a JSON object"),
     (b"\xff\xfe", "UTF-8"),
+    (b"\xef\xbb\xbf" + json.dumps(add_body()).encode(), "byte order mark"),
     (json.dumps({"request_id": "x", "ip": "10.0.0.1"}).encode(), "'cluster' is required"),
     (json.dumps(add_body(cluster="")).encode(), "'cluster' must not be empty"),
     (json.dumps(add_body(cluster=5)).encode(), "'cluster' must be a string"),
