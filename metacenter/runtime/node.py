@@ -18,7 +18,7 @@ from metacenter.core.cache import CacheIndex
 from metacenter.core import picking
 from metacenter.core.events import (EVENT_ADD, EVENT_CACHE_SAVE, EVENT_DELETE, EVENT_ENGINE_RESET,
                                     EVENT_LEASE_KEEPALIVE, EVENT_LEASE_REVOKE, EVENT_PROMPT_DELETE, EVENT_REFRESH,
-                                    LeaseKeepalive, LoadAdd, LoadDelete, ORIGIN_CLIENT, ORIGIN_PEER)
+                                    LeaseKeepalive, LoadAdd, LoadDelete, ORIGIN_CLIENT, ORIGIN_PEER, Refresh)
 from metacenter.core.limits import CountLimits
 from metacenter.core.load import LoadState
 from metacenter.runtime import logs
@@ -210,6 +210,30 @@ class Node:
             result = state.refresh(event.request_ids)
             return result, result > 0, event
         raise ValueError(f"unknown event type {event_type!r}")
+
+    def refresh_steps(self, request_ids, trace_id, spent):
+        """A client's refresh (``run(EVENT_REFRESH, ...)``) a step at a time:
+        a generator that yields (None) whenever ``spent()`` says a step's
+        time is up and returns the count refreshed. A repeated id counts
+        once. Each step's ids are their own replicated refresh event (the
+        peers apply each), sent as soon as the step is applied."""
+        distinct = list(dict.fromkeys(request_ids))
+        count = len(distinct)
+        refresh_some = self.state.refresh_some
+        total = start = 0
+        while True:
+            end, refreshed = refresh_some(distinct, start, count, spent)
+            total += refreshed
+            # Done in one step: the client's own ids, as replicated before.
+            one_go = start == 0 and end >= count
+            event = Refresh((tuple(request_ids if one_go else distinct[start:end]),))
+            self.metrics.observe_event(EVENT_REFRESH, ORIGIN_CLIENT, refreshed > 0)
+            for listener in self.event_listeners:
+                listener(EVENT_REFRESH, event, trace_id)
+            if end >= count:
+                return total
+            start = end
+            yield
 
     def pick(self, request, trace_id=None):
         """Pick-and-book (``core.picking.pick``): ``request`` holds its keyword
