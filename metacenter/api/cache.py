@@ -1,21 +1,65 @@
 """Routes of the KV-cache index (docs/cache.md) and the routing score."""
 
 from metacenter.api import bodies
-from metacenter.api.endpoint import endpoint, read_json_object
-from metacenter.core.events import ORIGIN_CLIENT
+from metacenter.api.bodies import spelled_ip
+from metacenter.api.endpoint import endpoint, in_turns, json_object_steps, read_json_object
+from metacenter.api.views import TURN_BUDGET
+from metacenter.core.cache import PROMPT_HASH_MAX_ITEMS
+from metacenter.core.errors import InvalidInput
+from metacenter.core.events import CacheSave
+from metacenter.core.fields import is_uint64, json_type, required_string, uint64_list
 from metacenter.core.scoring import score_engines
+
+# Hashes checked between two calls of the step's ``spent()`` (the C-speed
+# check of ``uint64_list``, ~40 ns a hash; the clock is read every 16 calls).
+HASHES_PER_CHECK = 256
+
+
+def _hash_list_steps(obj, allow_empty, spent):
+    """``bodies.hash_list(obj, "prompt_hash", allow_empty)`` in steps: a
+    generator returning the list, or raising the same InvalidInput."""
+    value = obj.get("prompt_hash")
+    if not isinstance(value, list) or not value or len(value) > PROMPT_HASH_MAX_ITEMS:
+        return bodies.hash_list(obj, "prompt_hash", allow_empty)  # its reason, or [] when that is allowed
+    for start in range(0, len(value), HASHES_PER_CHECK):
+        chunk = value[start:start + HASHES_PER_CHECK]
+        try:
+            uint64_list(chunk, "prompt_hash", PROMPT_HASH_MAX_ITEMS)
+        except InvalidInput:
+            # uint64_list's reason, with the item's index in the whole array.
+            for index, item in enumerate(chunk, start):
+                if not is_uint64(item):
+                    shown = item if type(item) in (int, float) else json_type(item)
+                    raise InvalidInput(f"field 'prompt_hash' item {index} must be an unsigned 64-bit integer, "
+                                       f"got {shown}") from None
+            raise
+        if spent():
+            yield
+    return value
 
 
 class CacheRoutes:
-    """With ``MetacenterAPI`` (``node``)."""
+    """With ``MetacenterAPI`` (``node``). A save, query or score with many
+    hashes works in steps of ``step_budget`` seconds over reactor turns
+    (``endpoint.in_turns``); a small one is answered in its own turn."""
+
+    step_budget = TURN_BUDGET
 
     @endpoint("/v1/cache/save", ["POST"])
     def cache_save(self, request, trace_id):
         """Engine ``ip`` now holds the KV cache of every prefix of the
         prompt: ``{"cluster", "ip", "prompt_hash": [uint64, ...]}`` (non-empty,
         first block first) -> data null; replicated to the peers."""
-        event = bodies.parse_cache_save(read_json_object(request))
-        self.node.save_cache(event, trace_id, ORIGIN_CLIENT)
+        return in_turns(self.node.cooperate, lambda spent: self._save_steps(request, trace_id, spent),
+                        self.step_budget)
+
+    def _save_steps(self, request, trace_id, spent):
+        obj = yield from json_object_steps(request, spent)
+        # bodies.parse_cache_save's checks, in its order, the hashes a slice at a time.
+        cluster = required_string(obj, "cluster")
+        hashes = yield from _hash_list_steps(obj, False, spent)
+        event = CacheSave((cluster, hashes, spelled_ip(obj, "ip")))
+        yield from self.node.save_cache_steps(event, trace_id, spent)
         return None
 
     @endpoint("/v1/cache/query", ["POST"])

@@ -37,6 +37,9 @@ PROMPT_HASH_MAX_ITEMS = 100_000
 TOPK_MAX = 1000
 TOPK_DEFAULT = 10
 IPS_MAX_ITEMS = 10_000
+# Hashes of a stepped save or query between two calls of its ``spent()``
+# (~0.2 µs each; the step's clock is read every 16 calls, ~0.2 ms).
+SAVE_PER_CHECK = 64
 
 # 16384 blocks of 512 prompt bytes (~128 tokens each) is ~2M tokens of KV
 # cache: more than an 8-GPU 80 GB node keeps for a 70B model, about what one
@@ -309,30 +312,58 @@ class CacheIndex:
         """Engine ``ip`` of ``cluster`` now holds the prefixes ``hashes``
         (the prompt's block hashes, first block first). Idempotent: saving
         the same list again only refreshes it. Returns the blocks added."""
+        return _finish(self.save_steps(cluster, ip, hashes, _never))
+
+    def save_steps(self, cluster: str, ip: str, hashes: list[int], spent) -> Iterator[None]:
+        """``save`` as a generator that yields (None) between slices of
+        ``SAVE_PER_CHECK`` hashes when ``spent()`` is true (a big save over
+        several reactor turns, ``api.cache``), and returns the blocks added.
+        Driven to the end without other changes in between, the index is
+        exactly ``save``'s: one mark, the same ticks in the same order, the
+        capacity and global cap enforced once at the end. Saves to other
+        engines in between are independent; another save to the same engine
+        takes the ticks after the ones already written (the index is
+        advisory). If the engine is dropped meanwhile (a reset), the save
+        starts over on the new engine: as if it came after the reset, the
+        order in which the peers get the two."""
         if not hashes:
             return 0
         engine, cluster_obj = self._engine_for(cluster, ip)
         self._mark_now(engine, self._clock.seconds())
+        # Not the global cap's first victim while it is paused; a one-go save
+        # moved it before enforcing the cap too.
+        self._engines.move_to_end(engine.serial)
         tick_of = engine.tick_of
         hash_at = engine.hash_at
         owners = cluster_obj.owners
         bit = engine.bit
-        tick = engine.next_tick
         added = 0
-        for block in reversed(hashes):
-            old = tick_of.get(block)
-            if old is None:
-                owners[block] = owners.get(block, 0) | bit
-                added += 1
-            else:
-                del hash_at[old]
-            tick_of[block] = tick
-            hash_at[tick] = block
-            tick += 1
-        engine.next_tick = tick
-        cluster_obj.blocks += added
-        self._blocks += added
-        self._engines.move_to_end(engine.serial)
+        stop = len(hashes)
+        while stop:
+            start = max(0, stop - SAVE_PER_CHECK)
+            tick = engine.next_tick
+            step_added = 0
+            # From the last hash to the first: the prompt's head is the freshest.
+            for index in range(stop - 1, start - 1, -1):
+                block = hashes[index]
+                old = tick_of.get(block)
+                if old is None:
+                    owners[block] = owners.get(block, 0) | bit
+                    step_added += 1
+                else:
+                    del hash_at[old]
+                tick_of[block] = tick
+                hash_at[tick] = block
+                tick += 1
+            engine.next_tick = tick
+            cluster_obj.blocks += step_added
+            self._blocks += step_added
+            added += step_added
+            stop = start
+            if stop and spent():
+                yield
+                if self._engines.get(engine.serial) is not engine:
+                    return (yield from self.save_steps(cluster, ip, hashes, spent))
         over = len(tick_of) - self.engine_blocks
         if over > 0:
             self._evict_before(engine, cluster_obj, engine.next_tick, over, "capacity")
@@ -484,6 +515,19 @@ class CacheIndex:
         self._blocks += added
         self._enforce_global_cap()
         return added
+
+
+def _never():
+    return False
+
+
+def _finish(steps):
+    """Runs the generator ``steps`` to its end; -> its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 def _best_first(item):

@@ -361,7 +361,17 @@ class Node:
         Replicated like load events (saves are idempotent). Returns whether
         the index changed."""
         cluster, hashes, ip = event
-        changed = self.cache.save(cluster, ip, hashes) > 0
+        return self._saved(event, self.cache.save(cluster, ip, hashes) > 0, trace_id, origin)
+
+    def save_cache_steps(self, event, trace_id, spent):
+        """A client's ``save_cache`` a step at a time
+        (``CacheIndex.save_steps``): a generator returning whether the index
+        changed. The whole save is replicated once, when it is applied."""
+        cluster, hashes, ip = event
+        added = yield from self.cache.save_steps(cluster, ip, hashes, spent)
+        return self._saved(event, added > 0, trace_id, ORIGIN_CLIENT)
+
+    def _saved(self, event, changed, trace_id, origin):
         self.metrics.observe_event(EVENT_CACHE_SAVE, origin, changed)
         if origin == ORIGIN_CLIENT:
             for listener in self.event_listeners:
