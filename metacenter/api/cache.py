@@ -4,10 +4,10 @@ from metacenter.api import bodies
 from metacenter.api.bodies import spelled_ip
 from metacenter.api.endpoint import endpoint, in_turns, json_object_steps, read_json_object
 from metacenter.api.views import TURN_BUDGET
-from metacenter.core.cache import PROMPT_HASH_MAX_ITEMS
+from metacenter.core.cache import PROMPT_HASH_MAX_ITEMS, TOPK_DEFAULT, TOPK_MAX
 from metacenter.core.errors import InvalidInput
 from metacenter.core.events import CacheSave
-from metacenter.core.fields import is_uint64, json_type, required_string, uint64_list
+from metacenter.core.fields import int_field, is_uint64, json_type, required_string, uint64_list
 from metacenter.core.scoring import score_engines
 
 # Hashes checked between two calls of the step's ``spent()`` (the C-speed
@@ -66,9 +66,18 @@ class CacheRoutes:
     def cache_query(self, request, trace_id):
         """``{"cluster", "prompt_hash": [uint64, ...], "topk"?: 1..1000
         (default 10)}`` -> ``{"locations": [{"ip", "length": leading blocks
-        held}]}``, longest first, ties by ip."""
-        cluster, hashes, topk = bodies.parse_cache_query(read_json_object(request))
-        return {"locations": self.node.cache.query(cluster, hashes, topk)}
+        held}]}``, longest first, ties by ip. A long prompt is walked over
+        several turns: saves arriving meanwhile may or may not be seen
+        (acceptable: the index is advisory)."""
+        return in_turns(self.node.cooperate, lambda spent: self._query_steps(request, spent), self.step_budget)
+
+    def _query_steps(self, request, spent):
+        obj = yield from json_object_steps(request, spent)
+        # bodies.parse_cache_query's checks, in its order.
+        cluster = required_string(obj, "cluster")
+        hashes = yield from _hash_list_steps(obj, True, spent)
+        topk = int_field(obj, "topk", 1, TOPK_MAX, default=TOPK_DEFAULT)
+        return {"locations": (yield from self.node.cache.query_steps(cluster, hashes, topk, spent))}
 
     @endpoint("/v1/route/score", ["POST"])
     def route_score(self, request, trace_id):

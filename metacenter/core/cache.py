@@ -384,6 +384,15 @@ class CacheIndex:
         return self._match(cluster, hashes, "address")
 
     def _match(self, cluster: str, hashes: list[int], key: str) -> dict[str, int]:
+        return _finish(self.match_steps(cluster, hashes, key, _never))
+
+    def match_steps(self, cluster: str, hashes: list[int], key: str, spent) -> Iterator[None]:
+        """``match_lengths`` (``key`` "ip") or ``match_addresses`` ("address")
+        as a generator that yields (None) between slices of
+        ``SAVE_PER_CHECK`` hashes when ``spent()`` is true, and returns the
+        dict. Saves, evictions and resets between two steps may or may not
+        be seen by the rest of the walk: acceptable, the index is advisory
+        (an engine dropped meanwhile may be named by the one given its slot)."""
         c = self._clusters.get(cluster)
         if c is None or not hashes:
             return {}
@@ -396,20 +405,28 @@ class CacheIndex:
         count = len(hashes)
         index = 1
         while index < count:
-            mask = get(hashes[index], 0) & active
-            if mask != active:
-                gone = active ^ mask
-                while gone:
-                    low = gone & -gone
-                    lengths[getattr(by_slot[low.bit_length() - 1], key)] = index
-                    gone ^= low
-                active = mask
-                if not active:
-                    return lengths
-            index += 1
+            stop = min(count, index + SAVE_PER_CHECK)
+            while index < stop:
+                mask = get(hashes[index], 0) & active
+                if mask != active:
+                    gone = active ^ mask
+                    while gone:
+                        low = gone & -gone
+                        engine = by_slot[low.bit_length() - 1]
+                        if engine is not None:  # None: dropped while the walk was paused
+                            lengths[getattr(engine, key)] = index
+                        gone ^= low
+                    active = mask
+                    if not active:
+                        return lengths
+                index += 1
+            if index < count and spent():
+                yield
         while active:
             low = active & -active
-            lengths[getattr(by_slot[low.bit_length() - 1], key)] = count
+            engine = by_slot[low.bit_length() - 1]
+            if engine is not None:
+                lengths[getattr(engine, key)] = count
             active ^= low
         return lengths
 
@@ -418,7 +435,12 @@ class CacheIndex:
         [{"ip", "length": leading hashes held}], longest match first, ties by
         ip (the same order on every node), at most ``topk``. Counted in the
         query metrics."""
-        lengths = self.match_lengths(cluster, hashes)
+        return _finish(self.query_steps(cluster, hashes, topk, _never))
+
+    def query_steps(self, cluster: str, hashes: list[int], topk: int, spent) -> Iterator[None]:
+        """``query`` as a generator over the steps of its walk
+        (``match_steps``), returning the locations."""
+        lengths = yield from self.match_steps(cluster, hashes, "ip", spent)
         ranked = sorted(lengths.items(), key=_best_first)[:topk]
         self.queries += 1
         if ranked:
