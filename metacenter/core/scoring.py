@@ -29,6 +29,22 @@ def score_engines(engines_load: list[dict], cache_lengths: dict[str, int], hash_
     ``cache_length``), the terms (``cache_ratio``, ``request_load``,
     ``prefill_load``) and ``score``; equal scores are ordered by ip.
     """
+    steps = score_engines_steps(engines_load, cache_lengths, hash_count, ips, _never)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def _never():
+    return False
+
+
+def score_engines_steps(engines_load, cache_lengths, hash_count, ips, spent):
+    """``score_engines`` as a generator that yields (None) after an engine
+    when ``spent()`` is true (thousands of ``ips`` scored over several
+    reactor turns, ``api.cache``) and returns the ranked list."""
     load_by_ip = {e["ip"]: e for e in engines_load}
     if ips is None:
         candidates = list(load_by_ip)
@@ -44,6 +60,8 @@ def score_engines(engines_load: list[dict], cache_lengths: dict[str, int], hash_
         queued = load["queued_req_num"] if load else 0
         prompt = load["prompt_length"] if load else 0
         rows.append((ip, queued, prompt, cache_lengths.get(ip, 0)))
+        if spent():
+            yield
 
     min_queued = min(r[1] for r in rows)
     spread = max(2, max(r[1] for r in rows) - min_queued)
@@ -65,5 +83,7 @@ def score_engines(engines_load: list[dict], cache_lengths: dict[str, int], hash_
             "prefill_load": prefill_load,
             "score": 2 * cache_ratio - request_weight * request_load - 3 * prefill_load,
         })
+        if spent():
+            yield
     scored.sort(key=lambda row: (-row["score"], row["ip"]))
     return scored
