@@ -370,3 +370,78 @@ def test_a_bad_big_query_is_the_one_go_400_and_counts_no_query(damage):
     status, answer = answered(transport)
     assert status == 400 and answer["error"]["reason"] == query_reason(obj)
     assert node.node.cache.queries == 0
+
+
+# -- route score ----------------------------------------------------------------------------
+
+
+def raw_data(transport):
+    """The answer's bytes, its trace id aside."""
+    status, _, body = http_responses(transport.value())[0]
+    assert status == 200
+    return body.rsplit(b',"trace_id"', 1)[0]
+
+
+def score_nodes(ips):
+    nodes = pair()
+    for node in nodes:
+        for k, ip in enumerate(ips[:40]):
+            for r in range(k % 5):
+                node.node.state.add("m", f"q{k}-{r}", ip, 100 * k)
+        node.node.cache.save("m", ips[7], list(range(1, 11)))
+        node.node.cache.save("m", ips[9], list(range(1, 6)))
+    return nodes
+
+
+def test_a_big_score_is_worked_over_turns_with_the_one_go_bytes():
+    ips = [f"10.1.{i // 256}.{i % 256}" for i in range(3000)] + ["10.1.0.7"]  # a repeat counts once
+    stepped, one_go = score_nodes(ips)
+    body = {"cluster": "m", "prompt_hash": list(range(1, 11)), "ips": ips}
+    transport = stepped.send("/v1/route/score", body)
+    turns = served_in_between(stepped, transport)
+    expected = one_go.send("/v1/route/score", body)
+    at_once(one_go, expected)
+    assert turns > 10
+    assert raw_data(transport) == raw_data(expected)
+    rows = data(answered(transport))
+    assert len(rows) == 3000 and rows[0]["ip"] == "10.1.0.7" and rows[0]["cache_length"] == 10
+
+
+def test_a_small_score_is_answered_in_the_turn_it_arrived():
+    ips = [f"10.1.0.{i}" for i in range(1, 13)]
+    node, one_go = score_nodes(ips)
+    body = {"cluster": "m", "prompt_hash": [1, 2, 3], "ips": ips}
+    rows = data(at_once(node, node.send("/v1/route/score", body)))
+    assert rows == data(at_once(one_go, one_go.send("/v1/route/score", body)))
+    assert rows[0]["ip"] == "10.1.0.8" and len(rows) == 12
+
+
+def score_reason(obj):
+    try:
+        bodies.parse_route_score(obj)
+    except InvalidInput as e:
+        return e.reason
+    raise AssertionError("valid")
+
+
+@pytest.mark.parametrize("damage", ["int ip", "bad ip", "long ip", "too many", "not an array", "bad hash"])
+def test_a_bad_big_score_is_the_one_go_400(damage):
+    ips = [f"10.1.{i // 256}.{i % 256}" for i in range(3000)]
+    node = score_nodes(ips)[0]
+    obj = {"cluster": "m", "prompt_hash": list(range(1, 11)), "ips": ips}
+    if damage == "int ip":
+        ips[2500] = 10
+    elif damage == "bad ip":
+        ips[2500] = "10.1.300.1"
+    elif damage == "long ip":
+        ips[2500] = "1" * 5000
+    elif damage == "too many":
+        obj["ips"] = ips * 4
+    elif damage == "not an array":
+        obj["ips"] = "10.0.0.1"
+    else:
+        obj["prompt_hash"] = [1, -2]
+    transport = node.send("/v1/route/score", obj)
+    node.finish()
+    status, answer = answered(transport)
+    assert status == 400 and answer["error"]["reason"] == score_reason(obj)
