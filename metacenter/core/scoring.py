@@ -11,11 +11,16 @@ minimum and maximum taken over the engines being scored. The gateway then
 picks at random among the best 5 %; this module only ranks.
 """
 
+import heapq
 import math
 
 # Engines scored between two calls of a stepped score's ``spent()`` (~1 µs
 # each): a gateway's few dozen candidates never look at the clock.
 ROWS_PER_CHECK = 8
+# Rows sorted in one go (~0.1 ms); more are sorted in runs of ``RUN_ROWS``
+# and merged over steps (10,000 took ~7 ms in one sort).
+SORT_IN_ONE_GO = 256
+RUN_ROWS = 32
 
 
 def score_engines(engines_load: list[dict], cache_lengths: dict[str, int], hash_count: int,
@@ -89,5 +94,27 @@ def score_engines_steps(engines_load, cache_lengths, hash_count, ips, spent):
         })
         if not len(scored) % ROWS_PER_CHECK and spent():
             yield
-    scored.sort(key=lambda row: (-row["score"], row["ip"]))
-    return scored
+    if len(scored) <= SORT_IN_ONE_GO:
+        scored.sort(key=_best_first)
+        return scored
+    # Thousands of rows: sorted runs, then merged a row per ``spent()``; the
+    # keys are distinct (the candidates are), so the order is the sort's.
+    runs = []
+    for start in range(0, len(scored), RUN_ROWS):
+        runs.append(sorted((_best_first(row), row) for row in scored[start:start + RUN_ROWS]))
+        if spent():
+            yield
+    ranked = []
+    for _, row in heapq.merge(*runs, key=_first):
+        ranked.append(row)
+        if spent():
+            yield
+    return ranked
+
+
+def _best_first(row):
+    return -row["score"], row["ip"]
+
+
+def _first(pair):
+    return pair[0]
