@@ -78,7 +78,7 @@ class CacheRoutes:
         """Engine ``ip`` now holds the KV cache of every prefix of the
         prompt: ``{"cluster", "ip", "prompt_hash": [uint64, ...]}`` (non-empty,
         first block first) -> data null; replicated to the peers."""
-        return in_turns(self.node.cooperate, lambda spent: self._save_steps(request, trace_id, spent),
+        return in_turns(self.node, lambda spent: self._save_steps(request, trace_id, spent),
                         self.step_budget)
 
     def _save_steps(self, request, trace_id, spent):
@@ -97,7 +97,7 @@ class CacheRoutes:
         held}]}``, longest first, ties by ip. A long prompt is walked over
         several turns: saves arriving meanwhile may or may not be seen
         (acceptable: the index is advisory)."""
-        return in_turns(self.node.cooperate, lambda spent: self._query_steps(request, spent), self.step_budget)
+        return in_turns(self.node, lambda spent: self._query_steps(request, spent), self.step_budget)
 
     def _query_steps(self, request, spent):
         obj = yield from json_object_steps(request, spent)
@@ -111,7 +111,7 @@ class CacheRoutes:
     def route_score(self, request, trace_id):
         """``{"cluster", "prompt_hash": [uint64, ...], "ips"?: [ip, ...]}`` ->
         the gateway's score of each engine, best first (``core.scoring``)."""
-        return in_turns(self.node.cooperate, lambda spent: self._score_steps(request, spent), self.step_budget)
+        return in_turns(self.node, lambda spent: self._score_steps(request, spent), self.step_budget)
 
     def _score_steps(self, request, spent):
         obj = yield from json_object_steps(request, spent)

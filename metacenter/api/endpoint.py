@@ -171,10 +171,11 @@ def json_object_steps(request, spent):
     return (yield from bodies.json_object_steps(body, spent))
 
 
-def in_turns(cooperate, work, step_budget):
+def in_turns(node, work, step_budget):
     """Runs ``work(spent)`` (a generator over a request's work, which yields
     when ``spent()`` says a step's time is up, or a Deferred to wait for)
-    one step per reactor turn through ``cooperate`` (the node's cooperator),
+    one step per reactor turn through ``node.cooperate`` (looked up only
+    when a second step is needed),
     each step given ``step_budget`` seconds (``jsonsteps.Budget``): the
     first in the request's own turn. -> its return value at once if one step
     was enough (a small body: no extra turn, no Deferred), else a Deferred of
@@ -187,7 +188,7 @@ def in_turns(cooperate, work, step_budget):
         return done.value
     result = []
     turns = chain((first,), steps(gen, budget, result))
-    return run(cooperate, turns).addCallback(lambda _: result[0])
+    return run(node.cooperate, turns).addCallback(lambda _: result[0])
 
 
 _METHODS = frozenset((b"GET", b"POST", b"DELETE", b"PUT", b"PATCH", b"HEAD", b"OPTIONS"))

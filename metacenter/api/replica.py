@@ -230,8 +230,8 @@ class ReplicaRoutes:
         return answer
 
     def _in_turns(self, work):
-        """``endpoint.in_turns`` with the node's cooperator and ``step_budget``."""
-        return in_turns(self.node.cooperate, work, self.step_budget)
+        """``endpoint.in_turns`` with the node (its cooperator) and ``step_budget``."""
+        return in_turns(self.node, work, self.step_budget)
 
     @endpoint("/v1/replica/snapshot", ["GET"], peer=True, ready=True, stream=True)
     def replica_snapshot(self, request, trace_id):

@@ -70,7 +70,7 @@ class TruthRoutes:
         """``{"request_ids": [str, ...]}`` (at most 10,000) -> ``{"refreshed":
         int}``: each known in-flight request's expiry clock restarts now;
         unknown ids are ignored. Replicated."""
-        return in_turns(self.node.cooperate, lambda spent: self._refresh_steps(request, trace_id, spent),
+        return in_turns(self.node, lambda spent: self._refresh_steps(request, trace_id, spent),
                         self.step_budget)
 
     def _refresh_steps(self, request, trace_id, spent):
