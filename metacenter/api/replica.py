@@ -16,10 +16,8 @@ without a valid signature is refused with 401 before it is read. The ones
 that read the state are ``ready=True`` (503 during the warm start).
 """
 
-from itertools import chain
-
 from metacenter.api import bodies, envelope
-from metacenter.api.endpoint import Pieces, endpoint
+from metacenter.api.endpoint import Pieces, endpoint, in_turns
 from metacenter.api.envelope import ApiError
 from metacenter.api.views import TURN_BUDGET
 from metacenter.cluster.antientropy import (ADOPTED, BUCKETS, PEER_DELETE, PEER_PROMPT, UNRESOLVED, bucket_digests,
@@ -27,9 +25,8 @@ from metacenter.cluster.antientropy import (ADOPTED, BUCKETS, PEER_DELETE, PEER_
 from metacenter.cluster.snapshot import parse_record, parse_tombstone, state_chunks
 from metacenter.core.errors import InvalidInput
 from metacenter.core.events import EVENT_CACHE_SAVE, LOAD_EVENT_TYPES, ORIGIN_PEER
-from metacenter.jsonsteps import Budget, steps
 from metacenter.runtime.logs import logger
-from metacenter.runtime.turns import in_chunks, run
+from metacenter.runtime.turns import in_chunks
 
 log = logger("metacenter.replica")
 
@@ -233,21 +230,8 @@ class ReplicaRoutes:
         return answer
 
     def _in_turns(self, work):
-        """Runs ``work(spent)`` (a generator over a request's work, which yields
-        when ``spent()`` says a step's time is up, or a Deferred to wait for)
-        one step per reactor turn through the node's cooperator, each step
-        given ``step_budget`` seconds: the first in the request's own turn.
-        -> its return value at once if one step was enough, else a Deferred
-        of it (failing with what it raised)."""
-        budget = Budget(self.step_budget)
-        gen = work(budget.spent)
-        try:
-            first = next(gen)
-        except StopIteration as done:
-            return done.value
-        result = []
-        turns = chain((first,), steps(gen, budget, result))
-        return run(self.node.cooperate, turns).addCallback(lambda _: result[0])
+        """``endpoint.in_turns`` with the node (its cooperator) and ``step_budget``."""
+        return in_turns(self.node, work, self.step_budget)
 
     @endpoint("/v1/replica/snapshot", ["GET"], peer=True, ready=True, stream=True)
     def replica_snapshot(self, request, trace_id):

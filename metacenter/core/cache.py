@@ -37,6 +37,9 @@ PROMPT_HASH_MAX_ITEMS = 100_000
 TOPK_MAX = 1000
 TOPK_DEFAULT = 10
 IPS_MAX_ITEMS = 10_000
+# Hashes of a stepped save or query between two calls of its ``spent()``
+# (~0.2 µs each; the step's clock is read every 16 calls, ~0.2 ms).
+SAVE_PER_CHECK = 64
 
 # 16384 blocks of 512 prompt bytes (~128 tokens each) is ~2M tokens of KV
 # cache: more than an 8-GPU 80 GB node keeps for a 70B model, about what one
@@ -309,30 +312,58 @@ class CacheIndex:
         """Engine ``ip`` of ``cluster`` now holds the prefixes ``hashes``
         (the prompt's block hashes, first block first). Idempotent: saving
         the same list again only refreshes it. Returns the blocks added."""
+        return _finish(self.save_steps(cluster, ip, hashes, _never))
+
+    def save_steps(self, cluster: str, ip: str, hashes: list[int], spent) -> Iterator[None]:
+        """``save`` as a generator that yields (None) between slices of
+        ``SAVE_PER_CHECK`` hashes when ``spent()`` is true (a big save over
+        several reactor turns, ``api.cache``), and returns the blocks added.
+        Driven to the end without other changes in between, the index is
+        exactly ``save``'s: one mark, the same ticks in the same order, the
+        capacity and global cap enforced once at the end. Saves to other
+        engines in between are independent; another save to the same engine
+        takes the ticks after the ones already written (the index is
+        advisory). If the engine is dropped meanwhile (a reset), the save
+        starts over on the new engine: as if it came after the reset, the
+        order in which the peers get the two."""
         if not hashes:
             return 0
         engine, cluster_obj = self._engine_for(cluster, ip)
         self._mark_now(engine, self._clock.seconds())
+        # Not the global cap's first victim while it is paused; a one-go save
+        # moved it before enforcing the cap too.
+        self._engines.move_to_end(engine.serial)
         tick_of = engine.tick_of
         hash_at = engine.hash_at
         owners = cluster_obj.owners
         bit = engine.bit
-        tick = engine.next_tick
         added = 0
-        for block in reversed(hashes):
-            old = tick_of.get(block)
-            if old is None:
-                owners[block] = owners.get(block, 0) | bit
-                added += 1
-            else:
-                del hash_at[old]
-            tick_of[block] = tick
-            hash_at[tick] = block
-            tick += 1
-        engine.next_tick = tick
-        cluster_obj.blocks += added
-        self._blocks += added
-        self._engines.move_to_end(engine.serial)
+        stop = len(hashes)
+        while stop:
+            start = max(0, stop - SAVE_PER_CHECK)
+            tick = engine.next_tick
+            step_added = 0
+            # From the last hash to the first: the prompt's head is the freshest.
+            for index in range(stop - 1, start - 1, -1):
+                block = hashes[index]
+                old = tick_of.get(block)
+                if old is None:
+                    owners[block] = owners.get(block, 0) | bit
+                    step_added += 1
+                else:
+                    del hash_at[old]
+                tick_of[block] = tick
+                hash_at[tick] = block
+                tick += 1
+            engine.next_tick = tick
+            cluster_obj.blocks += step_added
+            self._blocks += step_added
+            added += step_added
+            stop = start
+            if stop and spent():
+                yield
+                if self._engines.get(engine.serial) is not engine:
+                    return (yield from self.save_steps(cluster, ip, hashes, spent))
         over = len(tick_of) - self.engine_blocks
         if over > 0:
             self._evict_before(engine, cluster_obj, engine.next_tick, over, "capacity")
@@ -353,6 +384,15 @@ class CacheIndex:
         return self._match(cluster, hashes, "address")
 
     def _match(self, cluster: str, hashes: list[int], key: str) -> dict[str, int]:
+        return _finish(self.match_steps(cluster, hashes, key, _never))
+
+    def match_steps(self, cluster: str, hashes: list[int], key: str, spent) -> Iterator[None]:
+        """``match_lengths`` (``key`` "ip") or ``match_addresses`` ("address")
+        as a generator that yields (None) between slices of
+        ``SAVE_PER_CHECK`` hashes when ``spent()`` is true, and returns the
+        dict. Saves, evictions and resets between two steps may or may not
+        be seen by the rest of the walk: acceptable, the index is advisory
+        (an engine dropped meanwhile may be named by the one given its slot)."""
         c = self._clusters.get(cluster)
         if c is None or not hashes:
             return {}
@@ -365,20 +405,28 @@ class CacheIndex:
         count = len(hashes)
         index = 1
         while index < count:
-            mask = get(hashes[index], 0) & active
-            if mask != active:
-                gone = active ^ mask
-                while gone:
-                    low = gone & -gone
-                    lengths[getattr(by_slot[low.bit_length() - 1], key)] = index
-                    gone ^= low
-                active = mask
-                if not active:
-                    return lengths
-            index += 1
+            stop = min(count, index + SAVE_PER_CHECK)
+            while index < stop:
+                mask = get(hashes[index], 0) & active
+                if mask != active:
+                    gone = active ^ mask
+                    while gone:
+                        low = gone & -gone
+                        engine = by_slot[low.bit_length() - 1]
+                        if engine is not None:  # None: dropped while the walk was paused
+                            lengths[getattr(engine, key)] = index
+                        gone ^= low
+                    active = mask
+                    if not active:
+                        return lengths
+                index += 1
+            if index < count and spent():
+                yield
         while active:
             low = active & -active
-            lengths[getattr(by_slot[low.bit_length() - 1], key)] = count
+            engine = by_slot[low.bit_length() - 1]
+            if engine is not None:
+                lengths[getattr(engine, key)] = count
             active ^= low
         return lengths
 
@@ -387,7 +435,12 @@ class CacheIndex:
         [{"ip", "length": leading hashes held}], longest match first, ties by
         ip (the same order on every node), at most ``topk``. Counted in the
         query metrics."""
-        lengths = self.match_lengths(cluster, hashes)
+        return _finish(self.query_steps(cluster, hashes, topk, _never))
+
+    def query_steps(self, cluster: str, hashes: list[int], topk: int, spent) -> Iterator[None]:
+        """``query`` as a generator over the steps of its walk
+        (``match_steps``), returning the locations."""
+        lengths = yield from self.match_steps(cluster, hashes, "ip", spent)
         ranked = sorted(lengths.items(), key=_best_first)[:topk]
         self.queries += 1
         if ranked:
@@ -484,6 +537,19 @@ class CacheIndex:
         self._blocks += added
         self._enforce_global_cap()
         return added
+
+
+def _never():
+    return False
+
+
+def _finish(steps):
+    """Runs the generator ``steps`` to its end; -> its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 def _best_first(item):

@@ -253,6 +253,10 @@ class Engine:
         }
 
 
+def _never():
+    return False
+
+
 def idle_row(ip: str) -> dict:
     """The wire row of an engine this node has never seen (or has forgotten)."""
     return {"ip": ip, "queued_req_num": 0, "prompt_length": 0, "updated_time": 0,
@@ -670,19 +674,31 @@ class LoadState:
         if len(request_ids) > REFRESH_MAX_ITEMS:
             raise InvalidInput(f"field 'request_ids' has {len(request_ids)} items; "
                                f"at most {REFRESH_MAX_ITEMS} are allowed")
+        distinct = list(dict.fromkeys(request_ids))
+        return self.refresh_some(distinct, 0, len(distinct), _never)[1]
+
+    def refresh_some(self, request_ids: list[str], start: int, stop: int, spent) -> int:
+        """``refresh`` of ``request_ids[start:stop]`` (distinct ids, no limit
+        on their number), stopping early after an id when ``spent()`` is
+        true: a big refresh done a step at a time (``api.truth``). Returns
+        ``(end, refreshed)``: ``request_ids[start:end]`` were done."""
         created = int(self._now())
         requests = self._requests
         engines = self._engines
         refreshed = 0
-        for request_id in dict.fromkeys(request_ids):
+        end = start
+        while end < stop:
+            request_id = request_ids[end]
+            end += 1
             packed = requests.get(request_id)
-            if packed is None or _engine_id(packed) not in engines:
-                continue
-            del requests[request_id]
-            self._insert(request_id, (packed & _BELOW_CREATED) | (created << _CREATED_SHIFT), created)
-            refreshed += 1
+            if packed is not None and _engine_id(packed) in engines:
+                del requests[request_id]
+                self._insert(request_id, (packed & _BELOW_CREATED) | (created << _CREATED_SHIFT), created)
+                refreshed += 1
+            if spent():
+                break
         self.stats["refreshed_requests"] += refreshed
-        return refreshed
+        return end, refreshed
 
     # -- leases --------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from metacenter.core.cache import CacheIndex
 from metacenter.core import picking
 from metacenter.core.events import (EVENT_ADD, EVENT_CACHE_SAVE, EVENT_DELETE, EVENT_ENGINE_RESET,
                                     EVENT_LEASE_KEEPALIVE, EVENT_LEASE_REVOKE, EVENT_PROMPT_DELETE, EVENT_REFRESH,
-                                    LeaseKeepalive, LoadAdd, LoadDelete, ORIGIN_CLIENT, ORIGIN_PEER)
+                                    LeaseKeepalive, LoadAdd, LoadDelete, ORIGIN_CLIENT, ORIGIN_PEER, Refresh)
 from metacenter.core.limits import CountLimits
 from metacenter.core.load import LoadState
 from metacenter.runtime import logs
@@ -211,6 +211,30 @@ class Node:
             return result, result > 0, event
         raise ValueError(f"unknown event type {event_type!r}")
 
+    def refresh_steps(self, request_ids, trace_id, spent):
+        """A client's refresh (``run(EVENT_REFRESH, ...)``) a step at a time:
+        a generator that yields (None) whenever ``spent()`` says a step's
+        time is up and returns the count refreshed. A repeated id counts
+        once. Each step's ids are their own replicated refresh event (the
+        peers apply each), sent as soon as the step is applied."""
+        distinct = list(dict.fromkeys(request_ids))
+        count = len(distinct)
+        refresh_some = self.state.refresh_some
+        total = start = 0
+        while True:
+            end, refreshed = refresh_some(distinct, start, count, spent)
+            total += refreshed
+            # Done in one step: the client's own ids, as replicated before.
+            one_go = start == 0 and end >= count
+            event = Refresh((tuple(request_ids if one_go else distinct[start:end]),))
+            self.metrics.observe_event(EVENT_REFRESH, ORIGIN_CLIENT, refreshed > 0)
+            for listener in self.event_listeners:
+                listener(EVENT_REFRESH, event, trace_id)
+            if end >= count:
+                return total
+            start = end
+            yield
+
     def pick(self, request, trace_id=None):
         """Pick-and-book (``core.picking.pick``): ``request`` holds its keyword
         arguments (``bodies.route_pick``). Returns ``{"ip", "score",
@@ -337,7 +361,17 @@ class Node:
         Replicated like load events (saves are idempotent). Returns whether
         the index changed."""
         cluster, hashes, ip = event
-        changed = self.cache.save(cluster, ip, hashes) > 0
+        return self._saved(event, self.cache.save(cluster, ip, hashes) > 0, trace_id, origin)
+
+    def save_cache_steps(self, event, trace_id, spent):
+        """A client's ``save_cache`` a step at a time
+        (``CacheIndex.save_steps``): a generator returning whether the index
+        changed. The whole save is replicated once, when it is applied."""
+        cluster, hashes, ip = event
+        added = yield from self.cache.save_steps(cluster, ip, hashes, spent)
+        return self._saved(event, added > 0, trace_id, ORIGIN_CLIENT)
+
+    def _saved(self, event, changed, trace_id, origin):
         self.metrics.observe_event(EVENT_CACHE_SAVE, origin, changed)
         if origin == ORIGIN_CLIENT:
             for listener in self.event_listeners:
