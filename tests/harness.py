@@ -112,3 +112,22 @@ def http_responses(raw):
         out.append((status, headers, body))
         raw = rest
     return out
+
+
+def served_in_between(node, transport, answered, request):
+    """Turns ``node``'s cooperator (``node.turns``, a ``Turns``) until
+    ``transport`` is answered (``answered(transport)`` not None); before
+    every turn a gateway's add (``request(method, path, body)`` -> bytes)
+    is sent on a connection of its own (``node.connect()``) and must be
+    answered at once. -> how many turns it took."""
+    gateway, gateway_transport = node.connect()
+    assert answered(transport) is None  # not done in the turn it arrived
+    turns = 0
+    while answered(transport) is None:
+        gateway.dataReceived(request("POST", "/v1/load/stats", json.dumps(
+            {"cluster": "live", "request_id": f"gateway-{turns}", "ip": "10.0.0.9"}).encode()))
+        assert len(http_responses(gateway_transport.value())) == turns + 1
+        assert node.turns.run()
+        turns += 1
+    assert all(status == 200 for status, _, _ in http_responses(gateway_transport.value()))
+    return turns

@@ -2,7 +2,7 @@
 
 from metacenter.api import bodies
 from metacenter.api.bodies import spelled_ip
-from metacenter.api.endpoint import Pieces, endpoint, in_turns, json_object_steps
+from metacenter.api.endpoint import endpoint, in_turns, joined_in_steps, json_object_steps
 from metacenter.api.envelope import dumps
 from metacenter.api.views import TURN_BUDGET
 from metacenter.core.cache import IPS_MAX_ITEMS, PROMPT_HASH_MAX_ITEMS, TOPK_DEFAULT, TOPK_MAX
@@ -125,19 +125,7 @@ class CacheRoutes:
         if len(scored) <= ROWS_IN_ONE_GO:
             return scored
         # As envelope.dumps(scored) writes it, a group of rows per step, never joined.
-        pieces, group = [b"["], []
-        for row in scored:
-            group.append(dumps(row))
-            if spent():
-                pieces += (b",".join(group), b",")
-                group = []
-                yield
-        if group:
-            pieces.append(b",".join(group))
-        else:
-            pieces.pop()  # the separator after the last group
-        pieces.append(b"]")
-        return Pieces(pieces)
+        return (yield from joined_in_steps(b"[", (dumps(row) for row in scored), b"]", spent))
 
     @endpoint("/v1/cache/stats", ["GET"])
     def cache_stats(self, request, trace_id):

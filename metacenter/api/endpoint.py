@@ -171,6 +171,27 @@ def json_object_steps(request, spent):
     return (yield from bodies.json_object_steps(body, spent))
 
 
+def joined_in_steps(opening, parts, closing, spent):
+    """A JSON array or object written as ``Pieces`` over steps: ``opening``
+    (``b"["`` or ``b"{"``), the already encoded ``parts`` (an iterable of
+    bytes) separated by commas, ``closing``. A generator for ``in_turns``:
+    it yields whenever ``spent()`` is true after a part, each step's parts
+    joined into one piece (never the whole body), and returns the Pieces."""
+    pieces, group = [opening], []
+    for part in parts:
+        group.append(part)
+        if spent():
+            pieces += (b",".join(group), b",")
+            group = []
+            yield
+    if group:
+        pieces.append(b",".join(group))
+    elif len(pieces) > 1:
+        pieces.pop()  # the separator after the last group
+    pieces.append(closing)
+    return Pieces(pieces)
+
+
 def in_turns(node, work, step_budget):
     """Runs ``work(spent)`` (a generator over a request's work, which yields
     when ``spent()`` says a step's time is up, or a Deferred to wait for)

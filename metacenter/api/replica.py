@@ -17,7 +17,7 @@ that read the state are ``ready=True`` (503 during the warm start).
 """
 
 from metacenter.api import bodies, envelope
-from metacenter.api.endpoint import Pieces, endpoint, in_turns
+from metacenter.api.endpoint import endpoint, in_turns, joined_in_steps
 from metacenter.api.envelope import ApiError
 from metacenter.api.views import TURN_BUDGET
 from metacenter.cluster.antientropy import (ADOPTED, BUCKETS, PEER_DELETE, PEER_PROMPT, UNRESOLVED, bucket_digests,
@@ -162,22 +162,14 @@ class ReplicaRoutes:
         yield scanned  # the cooperator resumes these steps once the scan (in steps of its own) is done
         # As envelope.dumps(encode_buckets(found)) would write it, in groups of
         # clusters (one per step), never joined.
-        items, parts = [b"{"], []
         found = found[0]
-        for cluster in list(found):
+
+        def cluster_part(cluster):
             buckets = found.pop(cluster)  # freed as it goes: 100,000 buckets freed at once took tens of ms
-            parts.append(envelope.dumps(cluster) + b":{" + b",".join(
-                [b'"%d":[%d,"%016x"]' % (bucket, live, digest) for bucket, (live, digest) in buckets.items()]) + b"}")
-            if spent():
-                items += (b",".join(parts), b",")
-                parts = []
-                yield
-        if parts:
-            items.append(b",".join(parts))
-        elif len(items) > 1:
-            items.pop()  # the separator after the last group
-        items.append(b"}")
-        return Pieces(items)
+            return envelope.dumps(cluster) + b":{" + b",".join(
+                [b'"%d":[%d,"%016x"]' % (bucket, live, digest) for bucket, (live, digest) in buckets.items()]) + b"}"
+
+        return (yield from joined_in_steps(b"{", (cluster_part(cluster) for cluster in list(found)), b"}", spent))
 
     @endpoint("/v1/replica/repair", ["POST"], peer=True, ready=True)
     def replica_repair(self, request, trace_id):

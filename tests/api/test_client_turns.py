@@ -18,7 +18,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from harness import Turns, http_responses
+from harness import Turns, http_responses, served_in_between as harness_served_in_between
 from metacenter.api import bodies
 from metacenter.api.envelope import ApiError
 from metacenter.api.server import MetacenterAPI
@@ -86,19 +86,10 @@ def answered(transport):
 
 
 def served_in_between(node, transport):
-    """Turns the cooperator until ``transport`` is answered; before every
-    turn a gateway's add is sent and must be answered at once. -> turns."""
-    gateway, gateway_transport = node.connect()
-    assert answered(transport) is None  # not done in the turn it arrived
-    turns = 0
-    while answered(transport) is None:
-        gateway.dataReceived(request("POST", "/v1/load/stats", json.dumps(
-            {"cluster": "live", "request_id": f"gateway-{turns}", "ip": "10.0.0.9"}).encode()))
-        assert len(http_responses(gateway_transport.value())) == turns + 1
-        assert node.turns.run()
-        turns += 1
-    assert all(status == 200 for status, _, _ in http_responses(gateway_transport.value()))
-    return turns
+    """Turns the cooperator until ``transport`` is answered, a gateway's add
+    answered before every turn (``harness.served_in_between``). -> turns."""
+    return harness_served_in_between(node, transport, answered, request)
+
 
 
 def at_once(node, transport):

@@ -18,7 +18,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from harness import Turns, http_responses
+from harness import Turns, http_responses, served_in_between as harness_served_in_between
 from metacenter import jsonsteps
 from metacenter.jsonsteps import CHECK_EVERY
 from metacenter.api import bodies, envelope
@@ -111,20 +111,11 @@ def answered(transport):
 
 
 def served_in_between(node, transport):
-    """Turns the cooperator until ``transport`` is answered; before every
-    turn a gateway's add is sent and must be answered at once. -> (turns,
+    """Turns the cooperator until ``transport`` is answered, a gateway's add
+    answered before every turn (``harness.served_in_between``). -> (turns,
     the answer)."""
-    gateway, gateway_transport = node.connect()
-    assert answered(transport) is None  # not done in the turn it arrived
-    turns = 0
-    while answered(transport) is None:
-        gateway.dataReceived(request("POST", "/v1/load/stats", json.dumps(
-            {"cluster": "live", "request_id": f"gateway-{turns}", "ip": "10.0.0.9"}).encode()))
-        assert len(responses(gateway_transport.value())) == turns + 1
-        assert node.turns.run()
-        turns += 1
-    assert all(status == 200 for status, _ in responses(gateway_transport.value()))
-    return turns, answered(transport)
+    return harness_served_in_between(node, transport, answered, request), answered(transport)
+
 
 
 # -- the one-turn versions, as they were (the oracles) ----------------------------------
