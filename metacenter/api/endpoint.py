@@ -20,7 +20,7 @@ from time import perf_counter
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from metacenter.api import bodies, envelope
+from metacenter.api import envelope
 from metacenter.api.bodies import parse_json_object
 from metacenter.cluster.auth import Unauthorized
 from metacenter.cluster.snapshot import ChunkProducer
@@ -153,22 +153,6 @@ def read_json_object(request):
     """The request body as a JSON object (any Content-Type: gateways send
     DELETE bodies without one); a 400 ``ApiError`` saying why otherwise."""
     return parse_json_object(request.content.read())
-
-
-# Bodies up to this size are parsed by one ``json.loads`` (~0.1 ms): the
-# stepped parser walks arrays item by item in Python, several times slower,
-# which the hot path's small bodies must not pay.
-PARSE_IN_ONE_GO = 16 * 1024
-
-
-def json_object_steps(request, spent):
-    """``read_json_object`` for ``in_turns`` work: a generator returning the
-    body's object, parsed in steps (``bodies.json_object_steps``, the same
-    400s) when it is over ``PARSE_IN_ONE_GO`` bytes, else at once."""
-    body = request.content.read()
-    if len(body) <= PARSE_IN_ONE_GO:
-        return parse_json_object(body)
-    return (yield from bodies.json_object_steps(body, spent))
 
 
 def joined_in_steps(opening, parts, closing, spent):

@@ -3,26 +3,14 @@ reset, gateway leases, refresh and pick-and-book. Conditional adds go
 through ``POST /v1/load/stats`` (``api.load``)."""
 
 from metacenter.api import bodies
-from metacenter.api.endpoint import endpoint, in_turns, json_object_steps, read_json_object
+from metacenter.api.endpoint import endpoint, in_turns, read_json_object
 from metacenter.api.views import TURN_BUDGET
-from metacenter.core.errors import InvalidInput
 from metacenter.core.events import EVENT_ENGINE_RESET, EVENT_LEASE_KEEPALIVE, EVENT_LEASE_REVOKE, ORIGIN_CLIENT
-from metacenter.core.fields import json_type, required_string
 from metacenter.core.leases import REFRESH_MAX_ITEMS
 
 # Ids checked between two calls of the step's ``spent()`` (which reads the
 # clock every 16 calls: every 128 ids, ~0.2 ms).
 IDS_PER_CHECK = 8
-
-
-def _refused_id(ids, start, chunk):
-    """Raises bodies.refresh's reason for the first bad id of ``chunk`` (at
-    ``start`` in ``ids``), with its index in the whole array."""
-    for index, item in enumerate(chunk, start):
-        if not isinstance(item, str) or not item:
-            got = json_type(item) if not isinstance(item, str) else "an empty string"
-            raise InvalidInput(f"field 'request_ids' item {index} must be a non-empty string, got {got}")
-        required_string({"request_id": item}, "request_id")
 
 
 class TruthRoutes:
@@ -77,17 +65,12 @@ class TruthRoutes:
         # 10,000 ids took ~30 ms in one go (each is deleted and re-inserted
         # in the expiry order): read, checked and applied in steps instead,
         # each step's ids replicated as a refresh of their own.
-        obj = yield from json_object_steps(request, spent)
+        obj = yield from bodies.json_object_steps(request.content.read(), spent)
         ids = obj.get("request_ids")
         if not isinstance(ids, list) or len(ids) > REFRESH_MAX_ITEMS:
             bodies.refresh(obj)  # raises its reason
         for start in range(0, len(ids), IDS_PER_CHECK):
-            chunk = ids[start:start + IDS_PER_CHECK]
-            try:
-                bodies.refresh({"request_ids": chunk})
-            except InvalidInput:
-                _refused_id(ids, start, chunk)
-                raise
+            bodies.check_request_ids(ids[start:start + IDS_PER_CHECK], start)
             if spent():
                 yield
         refreshed = yield from self.node.refresh_steps(ids, trace_id, spent)

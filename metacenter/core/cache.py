@@ -32,6 +32,7 @@ from collections.abc import Iterator
 
 from metacenter.core.clock import Clock
 from metacenter.core.fields import canonical_ip, ip_value
+from metacenter.core.steps import never, to_end
 
 PROMPT_HASH_MAX_ITEMS = 100_000
 TOPK_MAX = 1000
@@ -312,7 +313,7 @@ class CacheIndex:
         """Engine ``ip`` of ``cluster`` now holds the prefixes ``hashes``
         (the prompt's block hashes, first block first). Idempotent: saving
         the same list again only refreshes it. Returns the blocks added."""
-        return _finish(self.save_steps(cluster, ip, hashes, _never))
+        return to_end(self.save_steps(cluster, ip, hashes, never))
 
     def save_steps(self, cluster: str, ip: str, hashes: list[int], spent) -> Iterator[None]:
         """``save`` as a generator that yields (None) between slices of
@@ -384,7 +385,7 @@ class CacheIndex:
         return self._match(cluster, hashes, "address")
 
     def _match(self, cluster: str, hashes: list[int], key: str) -> dict[str, int]:
-        return _finish(self.match_steps(cluster, hashes, key, _never))
+        return to_end(self.match_steps(cluster, hashes, key, never))
 
     def match_steps(self, cluster: str, hashes: list[int], key: str, spent) -> Iterator[None]:
         """``match_lengths`` (``key`` "ip") or ``match_addresses`` ("address")
@@ -435,7 +436,7 @@ class CacheIndex:
         [{"ip", "length": leading hashes held}], longest match first, ties by
         ip (the same order on every node), at most ``topk``. Counted in the
         query metrics."""
-        return _finish(self.query_steps(cluster, hashes, topk, _never))
+        return to_end(self.query_steps(cluster, hashes, topk, never))
 
     def query_steps(self, cluster: str, hashes: list[int], topk: int, spent) -> Iterator[None]:
         """``query`` as a generator over the steps of its walk
@@ -537,19 +538,6 @@ class CacheIndex:
         self._blocks += added
         self._enforce_global_cap()
         return added
-
-
-def _never():
-    return False
-
-
-def _finish(steps):
-    """Runs the generator ``steps`` to its end; -> its return value."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
 
 
 def _best_first(item):

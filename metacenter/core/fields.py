@@ -184,10 +184,11 @@ def is_uint64(value: object) -> bool:
 _JUST_INT = {int}
 
 
-def uint64_list(value: object, name: str, max_items: int, allow_empty: bool = True) -> list:
+def uint64_list(value: object, name: str, max_items: int, allow_empty: bool = True, start: int = 0) -> list:
     """A list of unsigned 64-bit integers (prompt block hashes, the full
     range as JSON numbers); floats, strings, booleans, negatives and values
-    >= 2^64 are refused naming the item."""
+    >= 2^64 are refused naming the item (its index plus ``start``, when
+    ``value`` is a slice of a longer array checked a slice at a time)."""
     if value is None:
         raise InvalidInput(f"field '{name}' is required")
     if not isinstance(value, list):
@@ -199,7 +200,7 @@ def uint64_list(value: object, name: str, max_items: int, allow_empty: bool = Tr
     # Fast path for the common, valid case; the slow one finds the culprit.
     if not value or (set(map(type, value)) == _JUST_INT and min(value) >= 0 and max(value) <= UINT64_MAX):
         return value
-    for index, item in enumerate(value):
+    for index, item in enumerate(value, start):
         if not is_uint64(item):
             shown = item if type(item) in (int, float) else json_type(item)
             raise InvalidInput(f"field '{name}' item {index} must be an unsigned 64-bit integer, got {shown}")

@@ -39,6 +39,7 @@ from metacenter.core.errors import Conflict, InvalidInput
 from metacenter.core.fields import INT32_MAX, canonical_ip, ip_value
 from metacenter.core.leases import (LEASE_TTL_MAX_MS, LEASE_TTL_MIN_MS, REFRESH_MAX_ITEMS, Lease, lease_name,
                                     lease_ttl_ms)
+from metacenter.core.steps import never
 
 PROMPT_MAX = 2**31 - 1  # bytes; a prompt length is packed into 31 bits
 TOKENS_MAX = 2**31 - 1
@@ -251,10 +252,6 @@ class Engine:
             "prefill_tokens": prefill_tokens if prefill_tokens <= top else top,
             "queued_tokens": queued_tokens if queued_tokens <= top else top,
         }
-
-
-def _never():
-    return False
 
 
 def idle_row(ip: str) -> dict:
@@ -675,7 +672,7 @@ class LoadState:
             raise InvalidInput(f"field 'request_ids' has {len(request_ids)} items; "
                                f"at most {REFRESH_MAX_ITEMS} are allowed")
         distinct = list(dict.fromkeys(request_ids))
-        return self.refresh_some(distinct, 0, len(distinct), _never)[1]
+        return self.refresh_some(distinct, 0, len(distinct), never)[1]
 
     def refresh_some(self, request_ids: list[str], start: int, stop: int, spent) -> int:
         """``refresh`` of ``request_ids[start:stop]`` (distinct ids, no limit

@@ -14,6 +14,8 @@ picks at random among the best 5 %; this module only ranks.
 import heapq
 import math
 
+from metacenter.core.steps import never, to_end
+
 # Engines scored between two calls of a stepped score's ``spent()`` (~1 µs
 # each): a gateway's few dozen candidates never look at the clock.
 ROWS_PER_CHECK = 8
@@ -38,16 +40,7 @@ def score_engines(engines_load: list[dict], cache_lengths: dict[str, int], hash_
     ``cache_length``), the terms (``cache_ratio``, ``request_load``,
     ``prefill_load``) and ``score``; equal scores are ordered by ip.
     """
-    steps = score_engines_steps(engines_load, cache_lengths, hash_count, ips, _never)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
-
-
-def _never():
-    return False
+    return to_end(score_engines_steps(engines_load, cache_lengths, hash_count, ips, never))
 
 
 def score_engines_steps(engines_load, cache_lengths, hash_count, ips, spent):

@@ -183,11 +183,16 @@ class Node:
             changed = result
         else:
             result, changed, event = self._run_ours(event_type, event, origin)
+        self._applied(event_type, event, changed, trace_id, origin)
+        return result
+
+    def _applied(self, event_type, event, changed, trace_id, origin):
+        """Counts an applied event; a client's goes to every listener
+        (replication)."""
         self.metrics.observe_event(event_type, origin, changed)
         if origin == ORIGIN_CLIENT:
             for listener in self.event_listeners:
                 listener(event_type, event, trace_id)
-        return result
 
     def _run_ours(self, event_type, event, origin=ORIGIN_PEER):
         """(the core's answer, changed, the event to replicate) of a reset,
@@ -227,9 +232,7 @@ class Node:
             # Done in one step: the client's own ids, as replicated before.
             one_go = start == 0 and end >= count
             event = Refresh((tuple(request_ids if one_go else distinct[start:end]),))
-            self.metrics.observe_event(EVENT_REFRESH, ORIGIN_CLIENT, refreshed > 0)
-            for listener in self.event_listeners:
-                listener(EVENT_REFRESH, event, trace_id)
+            self._applied(EVENT_REFRESH, event, refreshed > 0, trace_id, ORIGIN_CLIENT)
             if end >= count:
                 return total
             start = end
@@ -361,7 +364,9 @@ class Node:
         Replicated like load events (saves are idempotent). Returns whether
         the index changed."""
         cluster, hashes, ip = event
-        return self._saved(event, self.cache.save(cluster, ip, hashes) > 0, trace_id, origin)
+        changed = self.cache.save(cluster, ip, hashes) > 0
+        self._applied(EVENT_CACHE_SAVE, event, changed, trace_id, origin)
+        return changed
 
     def save_cache_steps(self, event, trace_id, spent):
         """A client's ``save_cache`` a step at a time
@@ -369,14 +374,8 @@ class Node:
         changed. The whole save is replicated once, when it is applied."""
         cluster, hashes, ip = event
         added = yield from self.cache.save_steps(cluster, ip, hashes, spent)
-        return self._saved(event, added > 0, trace_id, ORIGIN_CLIENT)
-
-    def _saved(self, event, changed, trace_id, origin):
-        self.metrics.observe_event(EVENT_CACHE_SAVE, origin, changed)
-        if origin == ORIGIN_CLIENT:
-            for listener in self.event_listeners:
-                listener(EVENT_CACHE_SAVE, event, trace_id)
-        return changed
+        self._applied(EVENT_CACHE_SAVE, event, added > 0, trace_id, ORIGIN_CLIENT)
+        return added > 0
 
     def merge_record(self, request_id, cluster, ip, prompt_length, prompt_deleted, created_s, prompt_tokens=0,
                      lease=None):
